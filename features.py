@@ -10,12 +10,13 @@ import hashlib
 from pathlib import Path
 
 import h5py
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from datasets import split_file
 from models import Encoder
-from utils import atomic_path
+from utils import SatError, atomic_path
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -56,6 +57,9 @@ def cached_features(encoder: Encoder, data_folder: str | Path, data_name: str, s
             batch = torch.from_numpy(images[first:first + batch_size]).to(device)
             with torch.no_grad():
                 feats = encoder(batch).half().cpu().numpy()  # (b, P, C)
+            if not np.isfinite(feats).all():
+                raise SatError(f"{images_path}: the {encoder.name} features of images {first}-{first + len(feats) - 1} "
+                               "do not fit in fp16 (untrained encoder weights?); train without --cache-features")
             if out is None:
                 out = dst.create_dataset("features", (n, *feats.shape[1:]), dtype="float16",
                                          chunks=(1, *feats.shape[1:]))

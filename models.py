@@ -118,6 +118,8 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 (B, 3, H, W) -> encoder_out (B, P, C)."""
         x = (images.float() - self.mean) / self.std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.pool(self.backbone(x))  # (B, C, S, S)
         return x.flatten(2).transpose(1, 2)  # (B, P, C)
 
@@ -154,20 +156,27 @@ class Attention(nn.Module):
         self.activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu if activation == "relu" else torch.tanh
 
     def project(self, encoder_out: torch.Tensor) -> torch.Tensor:
-        """encoder_out (N, P, C) -> (N, P, A); done once per image, not at every step."""
+        """encoder_out (B, P, C) -> (B, P, A); done once per image, not at every step."""
         return self.encoder_att(encoder_out)
 
     def forward(self, encoder_out: torch.Tensor, projected: torch.Tensor,
                 h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> context (N, C), alpha (N, P)."""
-        scores = self.full_att(self.activation(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)  # (N, P)
-        alpha = torch.softmax(scores, dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), encoder_out).squeeze(1)  # (N, C)
-        return context, alpha
+        """encoder_out (B, P, C), projected (B, P, A), h (B*K, D) for K rows (captions or beams) per image,
+        image-major -> context (B*K, C), alpha (B*K, P).
+
+        The image tensors are shared by their K rows rather than copied K times: on a CPU, reading the
+        features is as costly as the arithmetic.
+        """
+        B, P, C = encoder_out.shape
+        h_att = self.decoder_att(h).view(B, -1, 1, projected.size(2))  # (B, K, 1, A)
+        scores = self.full_att(self.activation(projected.unsqueeze(1) + h_att)).squeeze(3)  # (B, K, P)
+        alpha = torch.softmax(scores, dim=2)
+        context = torch.bmm(alpha, encoder_out)  # (B, K, C)
+        return context.view(-1, C), alpha.view(-1, P)
 
 
 Memory = dict[str, torch.Tensor]  # per-image tensors a decoder reads at every step; never reordered
-State = dict[str, torch.Tensor]  # per-sequence recurrent tensors; reordered as beams are chosen
+State = dict[str, torch.Tensor]  # per-row recurrent tensors (K rows per image); reordered as beams are chosen
 
 
 class DecoderWithAttention(nn.Module):
@@ -191,17 +200,19 @@ class DecoderWithAttention(nn.Module):
     def memory(self, encoder_out: torch.Tensor) -> Memory:
         return {"features": encoder_out, "projected": self.attention.project(encoder_out)}
 
-    def init_state(self, memory: Memory) -> State:
-        mean = memory["features"].mean(dim=1)  # (N, C)
-        return {"h": self.init_h(mean), "c": self.init_c(mean)}
+    def init_state(self, memory: Memory, rows_per_image: int) -> State:
+        """The same initial state for each of an image's rows."""
+        mean = memory["features"].mean(dim=1)  # (B, C)
+        h, c = self.init_h(mean), self.init_c(mean)  # (B, D)
+        return {"h": h.repeat_interleave(rows_per_image, dim=0), "c": c.repeat_interleave(rows_per_image, dim=0)}
 
     def step(self, words: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """One word for every row: words (N,) -> logits (N, V), alpha (N, P), the next state."""
+        """One word for every row: words (B*K,) -> logits (B*K, V), alpha (B*K, P), the next state."""
         return self._step(self.embedding(words), state, memory)
 
     def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
         context, alpha = self.attention(memory["features"], memory["projected"], state["h"])
-        gate = torch.sigmoid(self.f_beta(state["h"]))  # (N, C)
+        gate = torch.sigmoid(self.f_beta(state["h"]))  # (B*K, C)
         h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (state["h"], state["c"]))
         return self.fc(self.dropout(h)), alpha, {"h": h, "c": c}
 
@@ -213,25 +224,29 @@ class DecoderWithAttention(nn.Module):
         positions past a caption's end are zero.
         """
         B, K, _ = captions.shape
-        captions, decode_lengths = captions.flatten(0, 1), lengths.flatten() - 1
-        # Sorting by length lets each step run only on the captions still being decoded.
-        decode_lengths, order = decode_lengths.sort(descending=True)
-        image_of = torch.div(order, K, rounding_mode="floor")
-        # index_select, not v[idx]: its backward is deterministic on CPU, which exact resume relies on.
-        memory = {k: v.index_select(0, image_of) for k, v in self.memory(encoder_out).items()}  # once per image
-        embedded = self.embedding(captions[order])  # (N, L, E)
-        state = self.init_state(memory)
-        T = int(decode_lengths[0])
+        decode_lengths = lengths - 1  # (B, K)
+        # Images sorted by their longest caption: step t runs only on the images that still have a caption
+        # being decoded. (index_select, not v[idx]: its backward is deterministic on CPU, which exact resume
+        # relies on.)
+        longest, order = decode_lengths.max(dim=1).values.sort(descending=True, stable=True)
+        memory = {k: v.index_select(0, order) for k, v in self.memory(encoder_out).items()}
+        rows = (order.unsqueeze(1) * K + torch.arange(K, device=order.device)).flatten()  # caption rows, sorted
+        embedded = self.embedding(captions.flatten(0, 1).index_select(0, rows))  # (B*K, L, E)
+        state = self.init_state(memory, K)
+        T = int(longest[0])
         logits = embedded.new_zeros(B * K, T, self.fc.out_features)
         alphas = embedded.new_zeros(B * K, T, memory["features"].size(1))
         for t in range(T):
-            n = int((decode_lengths > t).sum())
-            state = {k: v[:n] for k, v in state.items()}
-            step_logits, alpha, state = self._step(embedded[:n, t], state, {k: v[:n] for k, v in memory.items()})
-            logits[:n, t] = step_logits
-            alphas[:n, t] = alpha
-        inverse = order.argsort()
-        return logits.index_select(0, inverse), alphas.index_select(0, inverse)
+            b = int((longest > t).sum())
+            state = {k: v[:b * K] for k, v in state.items()}
+            step_logits, alpha, state = self._step(embedded[:b * K, t], state, {k: v[:b] for k, v in memory.items()})
+            logits[:b * K, t] = step_logits
+            alphas[:b * K, t] = alpha
+        # Captions shorter than their image's longest were decoded past their end: zero those positions.
+        valid = torch.arange(T, device=rows.device) < decode_lengths.flatten().index_select(0, rows).unsqueeze(1)
+        inverse = rows.argsort()
+        return ((logits * valid.unsqueeze(2)).index_select(0, inverse),
+                (alphas * valid.unsqueeze(2)).index_select(0, inverse))
 
 
 DECODERS: dict[str, type[nn.Module]] = {"soft": DecoderWithAttention}
@@ -278,59 +293,75 @@ def beam_search(decoder: nn.Module, encoder_out: torch.Tensor, word_map: dict[st
                 max_len: int = 50, length_penalty: float = 0.0) -> list[Caption]:
     """Beam search for a batch of images at once: all B*K beams advance in one tensor.
 
-    A beam that has emitted <end> keeps its slot and score (it can only continue with <pad> at no cost),
-    which is the tutorial's shrinking beam, vectorised. The best finished beam wins, ranked by
-    score / length**length_penalty; an image where no beam finished gets its best unfinished beam.
-    Beam size 1 is greedy decoding.
+    A beam that has emitted <end> keeps its slot and score for good (it can only continue with <pad> at
+    no cost), which is the tutorial's shrinking beam, vectorised. An image whose K beams have all
+    finished leaves the batch. The best finished beam wins, ranked by score / length**length_penalty; an image where no
+    beam finished within max_len words gets its best unfinished beam. Beam size 1 is greedy decoding.
     """
     if beam_size < 1 or max_len < 1:
         raise SatError(f"beam size and max length must be at least 1 (got {beam_size} and {max_len})")
     B, P, _ = encoder_out.shape
     K, start, end, pad = beam_size, word_map["<start>"], word_map["<end>"], word_map["<pad>"]
     device = encoder_out.device
-    memory = {k: v.repeat_interleave(K, dim=0) for k, v in decoder.memory(encoder_out).items()}  # (B*K, ...)
-    state = decoder.init_state(memory)
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first one at step 0
-    words = torch.full((B * K,), start, dtype=torch.long, device=device)
-    seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
-    alphas = torch.empty(B * K, 0, P, device=device)
-    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B * K, dtype=torch.long, device=device)
-    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
-    for _ in range(max_len):
-        logits, alpha, state = decoder.step(words, state, memory)
-        log_probs = torch.log_softmax(logits.float(), dim=1)  # (B*K, V)
+    memory = decoder.memory(encoder_out)  # per image, shared by its K beams
+    state = decoder.init_state(memory, K)  # (B*K, ...)
+    first_beam_only = torch.tensor([0.0] + [float("-inf")] * (K - 1), device=device)  # the K beams start identical
+    beams = {  # one row per beam, image-major
+        "score": first_beam_only.repeat(B),
+        "word": torch.full((B * K,), start, dtype=torch.long, device=device),
+        "finished": torch.zeros(B * K, dtype=torch.bool, device=device),
+        "length": torch.zeros(B * K, dtype=torch.long, device=device),  # words, plus <end> once finished
+        "seq": torch.empty(B * K, 0, dtype=torch.long, device=device),
+        "alphas": torch.empty(B * K, 0, P, device=device),
+    }
+    images = torch.arange(B, device=device)  # which input image each block of K rows belongs to
+    results: list[Caption | None] = [None] * B
+    for t in range(max_len + 1):  # up to max_len words, then <end>
+        logits, alpha, state = decoder.step(beams["word"], state, memory)
+        log_probs = torch.log_softmax(logits.float(), dim=1)  # (b*K, V)
         log_probs[:, [start, pad]] = float("-inf")  # neither may appear inside a caption
-        log_probs[finished] = float("-inf")
-        log_probs[finished, pad] = 0.0
-        V = log_probs.size(1)
-        top_scores, top = (scores.view(-1, 1) + log_probs).view(B, K * V).topk(K, dim=1)  # (B, K)
-        rows = (offsets + torch.div(top, V, rounding_mode="floor")).view(-1)  # the beam each candidate extends
-        words = (top % V).view(-1)
-        seqs = torch.cat([seqs[rows], words.unsqueeze(1)], dim=1)
-        alphas = torch.cat([alphas[rows], alpha.float()[rows].unsqueeze(1)], dim=1)
-        lengths = lengths[rows] + (~finished[rows]).long()
-        finished = finished[rows] | (words == end)
+        log_probs[beams["finished"]] = float("-inf")
+        log_probs[beams["finished"], pad] = 0.0
+        b, V = len(images), log_probs.size(1)
+        candidates = (beams["score"].unsqueeze(1) + log_probs).view(b, K * V)
+        # A finished beam ranks first so that it is never pushed out by better-scoring unfinished ones; the
+        # unfinished fill the remaining slots, exactly like the tutorial's beam that shrinks as beams finish.
+        rank = candidates.view(b * K, V).clone()
+        rank[beams["finished"], pad] = float("inf")
+        top = rank.view(b, K * V).topk(K, dim=1).indices  # (b, K)
+        top_scores = candidates.gather(1, top)
+        rows = (torch.arange(b, device=device).unsqueeze(1) * K + torch.div(top, V, rounding_mode="floor")).view(-1)
+        word = (top % V).view(-1)
+        finished = beams["finished"][rows]
+        beams = {"score": top_scores.view(-1), "word": word, "finished": finished | (word == end),
+                 "length": beams["length"][rows] + (~finished).long(),
+                 "seq": torch.cat([beams["seq"][rows], word.unsqueeze(1)], dim=1),
+                 "alphas": torch.cat([beams["alphas"][rows], alpha.float()[rows].unsqueeze(1)], dim=1)}
         state = {k: v[rows] for k, v in state.items()}
-        scores = top_scores
-        if bool(finished.all()):
+        done = beams["finished"].view(b, K).all(dim=1) | (t == max_len)
+        for i in done.nonzero().flatten().tolist():
+            results[int(images[i])] = _best_beam({k: v[i * K:(i + 1) * K] for k, v in beams.items()},
+                                                 length_penalty, max_len)
+        if bool(done.all()):
             break
-    return _best_beams(seqs, alphas, scores.view(-1), finished, lengths, B, K, length_penalty)
+        if bool(done.any()):  # drop finished images so that the next steps run only on the rest
+            keep = (~done).nonzero().flatten()
+            keep_rows = (keep.unsqueeze(1) * K + torch.arange(K, device=device)).flatten()
+            images, memory = images[keep], {k: v[keep] for k, v in memory.items()}
+            beams, state = {k: v[keep_rows] for k, v in beams.items()}, {k: v[keep_rows] for k, v in state.items()}
+    return results  # type: ignore[return-value]
 
 
-def _best_beams(seqs: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor,
-                lengths: torch.Tensor, B: int, K: int, length_penalty: float) -> list[Caption]:
-    ranked = (scores / lengths.clamp(min=1).float() ** length_penalty).view(B, K)
-    ranked = torch.where(finished.view(B, K).any(dim=1, keepdim=True),
-                         ranked.masked_fill(~finished.view(B, K), float("-inf")), ranked)
-    best = (torch.arange(B, device=seqs.device) * K + ranked.argmax(dim=1)).tolist()
-    captions = []
-    for row in best:
-        done = bool(finished[row])
-        n_words = int(lengths[row]) - 1 if done else int(lengths[row])  # the <end> token is not a word
-        captions.append(Caption(seqs[row, :n_words].tolist(), float(scores[row]), alphas[row, :n_words].cpu(), done))
-    return captions
+def _best_beam(beams: dict[str, torch.Tensor], length_penalty: float, max_len: int) -> Caption:
+    """The caption of one image from its K beams."""
+    ranked = beams["score"] / beams["length"].clamp(min=1).float() ** length_penalty
+    if bool(beams["finished"].any()):
+        ranked = ranked.masked_fill(~beams["finished"], float("-inf"))
+    k = int(ranked.argmax())
+    done = bool(beams["finished"][k])
+    n_words = int(beams["length"][k]) - 1 if done else max_len  # the <end> token is not a word
+    return Caption(beams["seq"][k, :n_words].tolist(), float(beams["score"][k]), beams["alphas"][k, :n_words].cpu(),
+                   done)
 
 
 def decode_tokens(tokens: list[int], rev_word_map: dict[int, str]) -> str:

@@ -114,6 +114,8 @@ class Trainer:
         self.pad = word_map["<pad>"]
         self.out = Path(tc.checkpoint_dir)
         model.encoder.fine_tune(tc.fine_tune_encoder)
+        if device.type == "cuda":
+            model.encoder.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         groups = [{"params": model.decoder.parameters(), "lr": tc.decoder_lr}]
         if tc.fine_tune_encoder:
             groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": tc.encoder_lr})
@@ -128,6 +130,11 @@ class Trainer:
         use_cache = tc.cache_features and not tc.fine_tune_encoder
         self.train_set = self._dataset("train", use_cache)
         self.val_set = self._dataset("val", use_cache)
+        # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
+        self.sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, epoch=0)
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=tc.workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=tc.workers > 0,
+                                 generator=torch.Generator().manual_seed(tc.seed))
 
     def _amp_dtype(self) -> torch.dtype | None:
         if not self.tc.amp:
@@ -193,20 +200,18 @@ class Trainer:
     def train_epoch(self) -> None:
         tc, p, model = self.tc, self.progress, self.model
         model.train()
-        sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, p.epoch, skip=p.batches_done)
-        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=tc.workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            generator=torch.Generator().manual_seed(tc.seed))
-        bar = tqdm(loader, desc=f"epoch {p.epoch}", unit="batch", initial=p.batches_done,
-                   total=p.batches_done + len(sampler))
+        self.sampler.epoch, self.sampler.skip = p.epoch, p.batches_done
+        bar = tqdm(self.loader, desc=f"epoch {p.epoch}", unit="batch", initial=p.batches_done,
+                   total=p.batches_done + len(self.sampler))
         bad_steps = 0
         for inputs, captions, lengths, _ in bar:
             ok = self.train_step(inputs, captions, lengths)
             bad_steps = 0 if ok else bad_steps + 1
             if bad_steps >= tc.max_bad_steps:
                 path = self.out / "checkpoint_last.pt"
+                last = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
                 raise SatError(f"training stopped: {bad_steps} consecutive steps had a non-finite loss (lower the "
-                               f"learning rate or disable --amp); the last good checkpoint is {path}")
+                               f"learning rate, check --alpha-c, or disable --amp); {last}")
             p.batches_done += 1
             bar.set_postfix(loss=f"{p.loss_sum / max(p.tokens, 1):.3f}", top5=f"{100 * p.top5_sum / max(p.tokens, 1):.1f}")
             if ok and p.step % tc.save_every == 0:

@@ -36,13 +36,13 @@ def random_decoder(end_bias: float, seed: int = 0) -> DecoderWithAttention:
 def reference_beam_search(decoder: DecoderWithAttention, features: torch.Tensor, k: int,
                           max_len: int) -> tuple[list[int], float]:
     """The tutorial's algorithm for one image: finished beams leave, the beam shrinks, best finished wins."""
-    memory = {n: v.expand(k, *v.shape[1:]) for n, v in decoder.memory(features).items()}
-    state = decoder.init_state(memory)
+    memory = decoder.memory(features)  # one image: its rows are however many beams are alive
+    state = decoder.init_state(memory, k)
     words = torch.full((k,), 1)
     seqs, scores = [[] for _ in range(k)], torch.zeros(k)
     complete: list[tuple[list[int], float]] = []
-    for t in range(max_len):
-        logits, _, state = decoder.step(words, state, {n: v[:len(words)] for n, v in memory.items()})
+    for t in range(max_len + 1):  # max_len words, then <end>
+        logits, _, state = decoder.step(words, state, memory)
         log_probs = torch.log_softmax(logits, dim=1)
         log_probs[:, [0, 1]] = float("-inf")
         V = log_probs.size(1)
@@ -60,13 +60,13 @@ def reference_beam_search(decoder: DecoderWithAttention, features: torch.Tensor,
         state = {n: v[beams[alive]] for n, v in state.items()}
     if complete:
         return max(complete, key=lambda c: c[1])
-    return seqs[int(scores.argmax())], float(scores.max())
+    return seqs[int(scores.argmax())][:max_len], float(scores.max())
 
 
 @torch.no_grad()
 def greedy(decoder: DecoderWithAttention, features: torch.Tensor, max_len: int) -> list[int]:
     memory = decoder.memory(features)
-    state, word, out = decoder.init_state(memory), torch.tensor([1]), []
+    state, word, out = decoder.init_state(memory, 1), torch.tensor([1]), []
     for _ in range(max_len):
         logits, _, state = decoder.step(word, state, memory)
         logits[:, [0, 1]] = float("-inf")

@@ -115,7 +115,7 @@ def test_teacher_forcing_matches_stepwise_decoding() -> None:
     for b in range(2):
         for k in range(3):
             memory = decoder.memory(features[b:b + 1])
-            state = decoder.init_state(memory)
+            state = decoder.init_state(memory, 1)
             for t in range(int(lengths[b, k]) - 1):
                 step_logits, _, state = decoder.step(captions[b, k, t:t + 1], state, memory)
                 torch.testing.assert_close(step_logits[0], logits[b * 3 + k, t], atol=1e-5, rtol=1e-5)
