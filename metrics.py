@@ -144,12 +144,13 @@ def attention_grounding(words: list[list[str]], alphas: list[torch.Tensor],
                         objects: list[list[dict]]) -> dict[str, float]:
     """Do the model's eyes follow its words? For every generated word that names an object in the image
     (its colour or shape word): the share of attention mass inside the boxes of the objects it names, and
-    whether the most-attended cell lies inside one of them (pointing accuracy). Both x100.
+    whether the most-attended cell lies inside one of them (pointing accuracy), both x100; and, for
+    comparison, the in-box share that a uniform attention map would get (the boxes' share of the image).
 
     words: per image, the generated words; alphas: per image, (len(words), P); objects: per image, the
     shapes sidecar's objects ({"box": [...], "words": [...]}).
     """
-    shares, hits = [], []
+    shares, hits, chance = [], [], []
     for image_words, image_alphas, image_objects in zip(words, alphas, objects):
         grid = int(round(image_alphas.size(1) ** 0.5)) if len(image_words) else 0
         for word, alpha in zip(image_words, image_alphas):
@@ -158,8 +159,9 @@ def attention_grounding(words: list[list[str]], alphas: list[torch.Tensor],
                 continue  # not an object word, or an object the image does not have
             coverage = cell_coverage(boxes, grid)
             shares.append(float((alpha.double() * coverage).sum()))
+            chance.append(float(coverage.mean()))  # what a uniform attention map would score
             hits.append(float(coverage[int(alpha.argmax())] > 0.5))
     if not shares:
-        return {"attention_in_box": 0.0, "pointing_accuracy": 0.0, "grounded_words": 0}
-    return {"attention_in_box": 100.0 * sum(shares) / len(shares),
+        return {"attention_in_box": 0.0, "uniform_in_box": 0.0, "pointing_accuracy": 0.0, "grounded_words": 0}
+    return {"attention_in_box": 100.0 * sum(shares) / len(shares), "uniform_in_box": 100.0 * sum(chance) / len(chance),
             "pointing_accuracy": 100.0 * sum(hits) / len(hits), "grounded_words": len(shares)}

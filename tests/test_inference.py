@@ -15,7 +15,9 @@ from PIL import Image
 from caption import attention_figure_size
 from datasets import ImageCaptionsDataset
 from models import DecoderWithAttention, ModelConfig, beam_search, model_from_checkpoint
-from utils import load_checkpoint
+import metrics
+from eval import caption_split, texts
+from utils import SatError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 12
@@ -187,3 +189,18 @@ def test_caption_folder_writes_csv(shapes_data, trained_checkpoint, tmp_path) ->
     assert [r["image"] for r in rows] == ["coffee.png", "shapes_000300.jpg", "shapes_000301.jpg"]
     assert all(r["caption"] for r in rows)
     assert len(list((tmp_path / "out").glob("*_attention.png"))) == 3
+
+
+def test_bf16_decoding_gives_nearly_the_same_captions(shapes_data, trained_checkpoint) -> None:
+    model, word_map = model_from_checkpoint(load_checkpoint(trained_checkpoint))
+    test = ImageCaptionsDataset(*shapes_data, "test")
+    cpu = torch.device("cpu")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(SatError, match="bf16"):
+            caption_split(model, test, word_map, [3], 30, 16, cpu, amp=True)
+        return
+    exact = caption_split(model, test, word_map, [3], 30, 16, cpu)[3]
+    bf16 = caption_split(model, test, word_map, [3], 30, 16, cpu, amp=True)[3]
+    same = sum(a.tokens == b.tokens for a, b in zip(exact, bf16))
+    scores = [metrics.bleu(test.references, texts(c, word_map))["bleu4"] for c in (exact, bf16)]
+    assert same >= len(exact) // 2 and abs(scores[0] - scores[1]) < 5, (same, scores)

@@ -109,9 +109,11 @@ def test_grounding_is_perfect_for_oracle_attention_and_chance_for_uniform() -> N
         coverage = metrics.cell_coverage(boxes, grid) if boxes else torch.ones(grid * grid)
         oracle[t] = (coverage / coverage.sum()).float()
     perfect = metrics.attention_grounding(words, [oracle], [grid_boxes()])
-    assert perfect == {"attention_in_box": pytest.approx(100.0), "pointing_accuracy": 100.0, "grounded_words": 4}
+    assert perfect == {"attention_in_box": pytest.approx(100.0), "uniform_in_box": pytest.approx(25.0),
+                       "pointing_accuracy": 100.0, "grounded_words": 4}
     uniform = metrics.attention_grounding(words, [torch.full((7, grid * grid), 1 / 16)], [grid_boxes()])
     assert uniform["attention_in_box"] == pytest.approx(25.0)  # each box covers a quarter of the image
+    assert uniform["uniform_in_box"] == pytest.approx(25.0)
     assert uniform["grounded_words"] == 4
 
 
