@@ -113,6 +113,8 @@ class Trainer:
         self.tc, self.model, self.word_map, self.device = tc, model, word_map, device
         self.pad = word_map["<pad>"]
         self.out = Path(tc.checkpoint_dir)
+        for stale in self.out.glob(".checkpoint_*.tmp"):  # left by a run killed while it was saving
+            stale.unlink()
         model.encoder.fine_tune(tc.fine_tune_encoder)
         if device.type == "cuda":
             model.encoder.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores

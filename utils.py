@@ -8,6 +8,7 @@ import pickle
 import sys
 import tempfile
 import traceback
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -105,9 +106,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint intact.
+
+    Raises OSError when the file cannot be written (torch.save reports those as RuntimeError).
+    """
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as e:
+            raise OSError(f"write failed ({str(e).splitlines()[0]}); is the disk full?") from e
 
 
 def export_safetensors(checkpoint: dict, path: str | os.PathLike) -> None:
@@ -146,6 +153,8 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
         raise SatError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 writes a zip archive
+        raise SatError(f"{path}: not a PyTorch checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError:
