@@ -169,3 +169,16 @@ def test_unknown_names_are_clear_errors() -> None:
         Encoder("vgg7")
     with pytest.raises(SatError, match="unknown decoder"):
         CaptionModel(tiny_config(decoder="transformer"))
+
+
+def test_default_resnet_weights_download_or_say_what_to_do(tmp_path, monkeypatch) -> None:
+    """Offline (as on CI) the download fails with a message naming both ways out; online it loads real weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no previously downloaded file
+    try:
+        encoder = Encoder("resnet18", encoded_size=2, weights="default")
+    except SatError as e:
+        assert "could not download resnet18" in str(e)
+        assert "--encoder-weights PATH" in str(e) and "--encoder-weights none" in str(e)
+        return
+    torch.manual_seed(0)
+    assert not torch.equal(encoder.backbone[0].weight, Encoder("resnet18", 2, "none").backbone[0].weight)
