@@ -87,9 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5],
                    help="beam sizes of the eval paths (default: 1 3 5)")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), metavar="PATH",
-                   help=f"paths to run, from {', '.join(PATHS)}, always in that order; train_cached and eval_cached build the "
-                        "caches themselves (untimed, adding to their peak memory) unless cache_build ran "
-                        "first (default: all)")
+                   help=f"paths to run, from {', '.join(PATHS)}, always in that order; train_cached and "
+                        "eval_cached build the caches themselves (untimed, adding to their peak memory) unless "
+                        "cache_build ran first (default: all)")
     p.add_argument("--out", default="bench_out", help="folder for the generated data and the feature caches "
                                                       "(default: bench_out)")
     p.add_argument("--json", help="write the results here (default: OUT/bench.json)")
@@ -98,8 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                       "bf16) (default: off)")
     p.add_argument("--quick", action="store_true", help="tiny model (resnet18, 4x4 grid, dims 32, 64 px) and "
                                                         "counts: a smoke run of every path (default: off)")
-    p.add_argument("--worker", choices=PATHS, metavar="PATH", help="internal: measure this one path and write its result "
-                                                   "into OUT (default: off, run every path in a subprocess)")
+    p.add_argument("--worker", choices=PATHS, metavar="PATH",
+                   help="internal: measure this one path and write its result into OUT (default: off, run every "
+                        "path in a subprocess)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key, None) is None:

@@ -23,8 +23,8 @@ from PIL import Image  # noqa: E402
 from datasets import BadImage, load_image  # noqa: E402
 from eval import texts  # noqa: E402
 from models import Caption, CaptionModel, beam_search, model_from_checkpoint  # noqa: E402
-from utils import ArgumentParser, SatError, add_debug_flag, atomic_path, load_checkpoint, positive_int, \
-    resolve_device, run_cli  # noqa: E402
+from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, atomic_path, load_checkpoint, \
+    positive_int, resolve_device, run_cli  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PANEL_INCHES, PANEL_DPI, PANELS_PER_ROW = 2.4, 100, 5
@@ -92,9 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "images, captions.csv (default: captions)")
     p.add_argument("--no-plot", action="store_true", help="only print the captions (default: plots are written)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a checkpoint that holds pickled Python objects; only for files you trust "
-                        "(default: off)")
+    add_trust_flag(p)
     add_debug_flag(p)
     return p.parse_args(argv)
 

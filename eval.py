@@ -18,8 +18,8 @@ import metrics
 from datasets import ImageCaptionsDataset, word_map_file
 from features import cached_features
 from models import Caption, CaptionModel, beam_search, decode_tokens, model_from_checkpoint
-from utils import ArgumentParser, SatError, add_debug_flag, load_checkpoint, positive_int, read_json, resolve_device, \
-    run_cli, write_json
+from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, load_checkpoint, positive_int, \
+    read_json, resolve_device, run_cli, write_json
 
 
 def encode(model: CaptionModel, inputs: torch.Tensor, from_features: bool) -> torch.Tensor:
@@ -102,9 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="encode the split once into (or reuse) the fp16 feature cache that train.py "
                         "--cache-features writes, keyed on the checkpoint's encoder weights (default: off)")
     p.add_argument("--out", help="folder for the captions and scores (default: eval_SPLIT beside the checkpoint)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow a checkpoint that holds pickled Python objects; only for files you trust "
-                        "(default: off)")
+    add_trust_flag(p)
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -173,7 +171,8 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
 
 
 COLUMN_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
-                "rouge": "ROUGE-L", "cider": "CIDEr-D", "spice": "SPICE", "attention_in_box": "attention in box %", "uniform_in_box": "uniform in box %",
+                "rouge": "ROUGE-L", "cider": "CIDEr-D", "spice": "SPICE", "attention_in_box": "attention in box %",
+                "uniform_in_box": "uniform in box %",
                 "pointing_accuracy": "pointing %", "grounded_words": "grounded words"}
 
 

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 

@@ -131,7 +131,8 @@ def _candidate_captions(objs: list[ShapeObject], side: int) -> list[str]:
                 f"a {p(a)} and a {p(b)}", f"two shapes : a {p(a, False)} and a {p(b, False)}",
                 f"there is a {p(a)} {rel} a {b.colour} {b.shape}"]
     a, b, c = objs
-    return [f"a {p(a)} , a {p(b)} and a {p(c)}", f"three shapes : a {p(a, False)} , a {p(b, False)} and a {p(c, False)}",
+    return [f"a {p(a)} , a {p(b)} and a {p(c)}",
+            f"three shapes : a {p(a, False)} , a {p(b, False)} and a {p(c, False)}",
             f"a {p(a)} {relation(a, b)} a {p(b)} and a {p(c)}", f"a {p(c, False)} {relation(c, a)} a {p(a, False)}",
             f"a {p(b)} {relation(b, c)} a {p(c)}", f"a {p(b, False)} , a {p(c, False)} and a {p(a, False)}",
             f"there are three shapes including a {p(c)}"]

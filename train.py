@@ -25,8 +25,8 @@ from datasets import ImageCaptionsDataset, word_map_file
 from eval import caption_split, check_word_map, encode, texts
 from features import cached_features
 from models import CaptionModel, ModelConfig, model_from_checkpoint
-from utils import ArgumentParser, SatError, add_debug_flag, export_safetensors, load_checkpoint, positive_int, \
-    read_json, resolve_device, run_cli, save_checkpoint
+from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
+    positive_int, read_json, resolve_device, run_cli, save_checkpoint
 
 
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
@@ -159,10 +159,10 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"model_config": self.model.config.to_dict(), "train_config": asdict(self.tc),
-                "word_map": self.word_map, "image_size": self.train_set.files.image_size, "encoder": self.model.encoder.state_dict(),
-                "decoder": self.model.decoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
-                "progress": asdict(self.progress)}
+                "word_map": self.word_map, "image_size": self.train_set.files.image_size,
+                "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "progress": asdict(self.progress)}
 
     def restore(self, checkpoint: dict) -> None:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -215,7 +215,8 @@ class Trainer:
                 raise SatError(f"training stopped: {bad_steps} consecutive steps had a non-finite loss (lower the "
                                f"learning rate, check --alpha-c, or disable --amp); {last}")
             p.batches_done += 1
-            bar.set_postfix(loss=f"{p.loss_sum / max(p.tokens, 1):.3f}", top5=f"{100 * p.top5_sum / max(p.tokens, 1):.1f}")
+            tokens = max(p.tokens, 1)
+            bar.set_postfix(loss=f"{p.loss_sum / tokens:.3f}", top5=f"{100 * p.top5_sum / tokens:.1f}")
             if ok and p.step % tc.save_every == 0:
                 self.save("last")
             if self.stop_signal is not None:
@@ -226,7 +227,8 @@ class Trainer:
         tc, p = self.tc, self.progress
         inputs = inputs.to(self.device, non_blocking=True)
         captions, lengths = captions.to(self.device), lengths.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        amp = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
             encoder_out = encode(self.model, inputs, self.train_set.features is not None)
             logits, alphas = self.model.decoder(encoder_out, captions, lengths)
             xe, attention, top5 = loss_terms(logits, alphas, captions, self.pad)
@@ -325,28 +327,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--encoded-size", type=positive_int, default=m.encoded_size,
                        help=f"the feature grid is pooled to S x S (default: {m.encoded_size})")
     model.add_argument("--decoder", default=m.decoder, help=f"decoder by name (default: {m.decoder})")
-    model.add_argument("--embed-dim", type=positive_int, default=m.embed_dim, help=f"word embedding size (default: {m.embed_dim})")
+    model.add_argument("--embed-dim", type=positive_int, default=m.embed_dim,
+                       help=f"word embedding size (default: {m.embed_dim})")
     model.add_argument("--attention-dim", type=positive_int, default=m.attention_dim,
                        help=f"attention MLP size (default: {m.attention_dim})")
     model.add_argument("--decoder-dim", type=positive_int, default=m.decoder_dim,
                        help=f"LSTM hidden size (default: {m.decoder_dim})")
-    model.add_argument("--dropout", type=float, default=m.dropout, help=f"dropout before the output layer (default: {m.dropout})")
+    model.add_argument("--dropout", type=float, default=m.dropout,
+                       help=f"dropout before the output layer (default: {m.dropout})")
     model.add_argument("--attention-activation", default=m.attention_activation, choices=["relu", "tanh"],
                        help=f"nonlinearity in the attention MLP (default: {m.attention_activation})")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     opt.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                      help=f"images per batch, each with all its captions (default: {d.batch_size})")
-    opt.add_argument("--decoder-lr", type=float, default=d.decoder_lr, help=f"Adam LR of the decoder (default: {d.decoder_lr})")
+    opt.add_argument("--decoder-lr", type=float, default=d.decoder_lr,
+                     help=f"Adam LR of the decoder (default: {d.decoder_lr})")
     opt.add_argument("--encoder-lr", type=float, default=d.encoder_lr,
                      help=f"Adam LR of the encoder when fine-tuning (default: {d.encoder_lr})")
     opt.add_argument("--fine-tune-encoder", action="store_true",
                      help="train the encoder's later blocks too (default: off, encoder frozen)")
     opt.add_argument("--alpha-c", type=float, default=d.alpha_c,
                      help=f"weight of the doubly stochastic attention penalty (default: {d.alpha_c})")
-    opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"clip the gradient norm to this (default: {d.grad_clip})")
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                     help=f"clip the gradient norm to this (default: {d.grad_clip})")
     opt.add_argument("--lr-decay-patience", type=positive_int, default=d.lr_decay_patience,
-                     help=f"decay the LRs after this many epochs without improvement (default: {d.lr_decay_patience})")
+                     help=f"decay the LRs after this many epochs without improvement "
+                          f"(default: {d.lr_decay_patience})")
     opt.add_argument("--lr-decay-factor", type=float, default=d.lr_decay_factor,
                      help=f"multiply the LRs by this on decay (default: {d.lr_decay_factor})")
     opt.add_argument("--patience", type=positive_int, default=d.patience,
@@ -362,17 +369,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     val.add_argument("--val-max-len", type=positive_int, default=d.val_max_len,
                      help=f"longest validation caption in words (default: {d.val_max_len})")
     val.add_argument("--save-every", type=positive_int, default=d.save_every,
-                     help=f"write checkpoint_last.pt every this many steps, and at each epoch end (default: {d.save_every})")
+                     help=f"write checkpoint_last.pt every this many steps, and at each epoch end "
+                          f"(default: {d.save_every})")
     val.add_argument("--max-bad-steps", type=positive_int, default=d.max_bad_steps,
                      help=f"stop after this many consecutive non-finite losses (default: {d.max_bad_steps})")
     val.add_argument("--resume", help="continue from this checkpoint (its model config and word map are used)")
-    val.add_argument("--trust-checkpoint", action="store_true",
-                     help="allow a --resume file that holds pickled Python objects (default: off)")
+    add_trust_flag(val)
     val.add_argument("--export", metavar="PATH.safetensors",
                      help="with --resume: write that checkpoint's weights, config and word map as one safetensors "
                           "file for sharing (eval.py and caption.py load it), then exit without training")
     run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, data order and dropout (default: {d.seed})")
+    run.add_argument("--seed", type=int, default=d.seed,
+                     help=f"seed of weights, data order and dropout (default: {d.seed})")
     run.add_argument("--device", default=d.device, help=f"auto, cpu or cuda (default: {d.device})")
     add_debug_flag(p)
     return p.parse_args(argv)

@@ -574,7 +574,7 @@ def test_same_seed_gives_byte_identical_files(runs: dict[str, Run], photo_set: P
 
 def test_shapes_generate_same_seed_byte_identical(tmp_path: Path) -> None:
     a = shapes.generate(tmp_path / "a", 3, 1, 1, side=64, seed=7)
-    b = shapes.generate(tmp_path / "b", 3, 1, 1, side=64, seed=7)
+    shapes.generate(tmp_path / "b", 3, 1, 1, side=64, seed=7)
     assert [p.name for p in a] == ["dataset_shapes.json", "shapes_boxes.json"]
     files_a, files_b = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")
     assert len([k for k in files_a if k.endswith(".jpg")]) == 5

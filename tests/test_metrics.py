@@ -73,8 +73,8 @@ def test_cider_on_a_single_image_is_zero_by_definition() -> None:
 
 def test_without_java_meteor_is_unavailable_and_the_rest_still_works() -> None:
     """A real run with no java on PATH."""
-    code = ("import json, metrics, tests.test_metrics as t; "
-            "print(json.dumps(metrics.caption_scores(t.REFERENCES, t.HYPOTHESES, ('bleu', 'meteor', 'rouge', 'cider'))))")
+    code = ("import json, metrics, tests.test_metrics as t; print(json.dumps(metrics.caption_scores("
+            "t.REFERENCES, t.HYPOTHESES, ('bleu', 'meteor', 'rouge', 'cider'))))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PATH": "", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}, timeout=120)
     assert result.returncode == 0, result.stderr
