@@ -15,7 +15,7 @@ from pathlib import Path
 
 import shapes
 from datasets import DEFAULT_MAX_PIXELS, create_input_files, read_csv_folder, read_karpathy
-from utils import ArgumentParser, SatError, add_debug_flag, positive_int, read_json, run_cli
+from utils import ArgumentParser, SatError, add_debug_flag, non_negative_int, positive_int, read_json, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images and list them in SKIPPED_*.json instead of stopping (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="processes decoding images; 0 decodes in this process (default: min(4, CPUs))")
     p.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"images with more pixels are refused as decompression bombs (default: {DEFAULT_MAX_PIXELS})")

@@ -97,12 +97,15 @@ def read_csv_folder(csv_path: str | os.PathLike, image_folder: str | os.PathLike
     if not csv_path.is_file():
         raise SatError(f"{csv_path}: file not found")
     captions: dict[str, list[list[str]]] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-            raise SatError(f"{csv_path}: needs a header with the columns 'image' and 'caption'")
-        for row in reader:
-            captions.setdefault(row["image"], []).append(tokenize(row["caption"] or ""))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
+                raise SatError(f"{csv_path}: needs a header with the columns 'image' and 'caption'")
+            for row in reader:
+                captions.setdefault(row["image"], []).append(tokenize(row["caption"] or ""))
+    except UnicodeDecodeError as e:
+        raise SatError(f"{csv_path}: not a UTF-8 text CSV ({e.reason} at byte {e.start}); save it as UTF-8") from None
     names = sorted(captions)
     order = np.random.default_rng(seed).permutation(len(names))
     n_test, n_val = round(len(names) * test_fraction), round(len(names) * val_fraction)

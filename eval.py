@@ -18,8 +18,8 @@ import metrics
 from datasets import ImageCaptionsDataset, word_map_file
 from features import cached_features
 from models import Caption, CaptionModel, beam_search, decode_tokens, model_from_checkpoint
-from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, load_checkpoint, positive_int, \
-    read_json, resolve_device, run_cli, write_json
+from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, load_checkpoint, non_negative_int, \
+    positive_int, read_json, resolve_device, run_cli, write_json
 
 
 def encode(model: CaptionModel, inputs: torch.Tensor, from_features: bool) -> torch.Tensor:
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="rank finished beams by score / length**this; 0 ranks by total log-probability "
                         "(default: 0)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded together (default: 32)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--amp", action="store_true",
                    help="decode in bf16 autocast (fp16 on GPUs without bf16); on a CPU only where it has native "

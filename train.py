@@ -26,7 +26,7 @@ from eval import caption_split, check_word_map, encode, texts
 from features import cached_features
 from models import CaptionModel, ModelConfig, model_from_checkpoint
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
-    positive_int, read_json, resolve_device, run_cli, save_checkpoint
+    non_negative_int, positive_float, positive_int, probability, read_json, resolve_device, run_cli, save_checkpoint
 
 
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
@@ -313,7 +313,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--data-name", default=d.data_name, help=f"base name of its files (default: {d.data_name})")
     data.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
                       help=f"where checkpoints, metrics.jsonl and curves.png go (default: {d.checkpoint_dir})")
-    data.add_argument("--workers", type=int, default=d.workers, help=f"DataLoader processes (default: {d.workers})")
+    data.add_argument("--workers", type=non_negative_int, default=d.workers,
+                      help=f"DataLoader processes (default: {d.workers})")
     data.add_argument("--cache-features", action="store_true",
                       help="with a frozen encoder, compute its features once per split into an fp16 HDF5 file "
                            "beside the data (rebuilt when encoder or images change) and train the decoder on "
@@ -333,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help=f"attention MLP size (default: {m.attention_dim})")
     model.add_argument("--decoder-dim", type=positive_int, default=m.decoder_dim,
                        help=f"LSTM hidden size (default: {m.decoder_dim})")
-    model.add_argument("--dropout", type=float, default=m.dropout,
+    model.add_argument("--dropout", type=probability, default=m.dropout,
                        help=f"dropout before the output layer (default: {m.dropout})")
     model.add_argument("--attention-activation", default=m.attention_activation, choices=["relu", "tanh"],
                        help=f"nonlinearity in the attention MLP (default: {m.attention_activation})")
@@ -341,9 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     opt.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                      help=f"images per batch, each with all its captions (default: {d.batch_size})")
-    opt.add_argument("--decoder-lr", type=float, default=d.decoder_lr,
+    opt.add_argument("--decoder-lr", type=positive_float, default=d.decoder_lr,
                      help=f"Adam LR of the decoder (default: {d.decoder_lr})")
-    opt.add_argument("--encoder-lr", type=float, default=d.encoder_lr,
+    opt.add_argument("--encoder-lr", type=positive_float, default=d.encoder_lr,
                      help=f"Adam LR of the encoder when fine-tuning (default: {d.encoder_lr})")
     opt.add_argument("--fine-tune-encoder", action="store_true",
                      help="train the encoder's later blocks too (default: off, encoder frozen)")
@@ -394,6 +395,9 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+        if "optimizer" not in checkpoint:
+            raise SatError(f"{args.resume}: an exported model holds no training state to resume; resume from a "
+                           "checkpoint_*.pt that train.py wrote")
         check_word_map(checkpoint["word_map"], tc.data_folder, tc.data_name, args.resume)
         model, _ = model_from_checkpoint(checkpoint, args.resume)
     else:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import train_args
 from models import DecoderWithAttention, Encoder, ModelConfig
+from utils import export_safetensors, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--cache-features", "--batch-size", "16", "--epochs", "2", "--save-every", "4"]  # 15 steps per epoch
@@ -162,7 +163,8 @@ def test_safetensors_export_loads_in_eval_and_caption(shapes_data, trained_check
         result = script("eval.py", "--checkpoint", str(checkpoint), "--data-folder", str(folder), "--data-name",
                         name, "--beam-sizes", "2", "--metrics", "bleu", "--out", str(tmp_path / out))
         assert result.returncode == 0, result.stderr
-    assert (tmp_path / "pt" / "captions_beam2.json").read_text() == (tmp_path / "st" / "captions_beam2.json").read_text()
+    pt, st = (tmp_path / d / "captions_beam2.json" for d in ("pt", "st"))
+    assert pt.read_text() == st.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +184,15 @@ def bad_inputs(shapes_data, trained_checkpoint, other_data, tmp_path) -> dict[st
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     empty.mkdir()
     not_ckpt.write_bytes((folder / "raw" / "images" / "shapes_000300.jpg").read_bytes())
+    latin1, exported = tmp_path / "captions.csv", tmp_path / "model.safetensors"
+    latin1.write_bytes("image,caption\na.jpg,un caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    export_safetensors(load_checkpoint(trained_checkpoint), exported)
     huge = tmp_path / "huge.png"
     Image.new("1", (12000, 12000)).save(huge)  # 144 M pixels: over Pillow's decompression-bomb limit
     data = ["--data-folder", str(folder), "--data-name", name]
     return {
-        "caption missing image": (["caption.py", "--img", str(tmp_path / "nope.jpg"), "--checkpoint", ckpt, "--out", out],
-                                  "no such file or folder"),
+        "caption missing image": (["caption.py", "--img", str(tmp_path / "nope.jpg"), "--checkpoint", ckpt,
+                                   "--out", out], "no such file or folder"),
         "caption corrupt image": (["caption.py", "--img", str(corrupt), "--checkpoint", ckpt, "--out", out],
                                   "broken.jpg"),
         "caption huge image": (["caption.py", "--img", str(huge), "--checkpoint", ckpt, "--out", out], "huge.png"),
@@ -210,6 +215,16 @@ def bad_inputs(shapes_data, trained_checkpoint, other_data, tmp_path) -> dict[st
                                   "--out", out], "WORDMAP_coco.json"),
         "train missing data": (["train.py", "--data-folder", str(tmp_path / "nowhere"), "--checkpoint-dir", out],
                                "file not found"),
+        "train negative workers": (["train.py", *data, "--checkpoint-dir", out, "--workers", "-1"],
+                                   "must be 0 or more"),
+        "train dropout over 1": (["train.py", *data, "--checkpoint-dir", out, "--dropout", "1.5"], "[0, 1)"),
+        "train negative lr": (["train.py", *data, "--checkpoint-dir", out, "--decoder-lr", "-1"], "must be above 0"),
+        "train resume from export": (["train.py", *data, "--checkpoint-dir", out, "--resume", str(exported)],
+                                     "no training state"),
+        "eval negative workers": (["eval.py", "--checkpoint", ckpt, *data, "--workers", "-1"], "must be 0 or more"),
+        "create_input_files latin-1 csv": (["create_input_files.py", "--dataset", "folder", "--captions-csv",
+                                            str(latin1), "--image-folder", str(empty), "--output-folder", out],
+                                           "not a UTF-8 text CSV"),
         "create_input_files no json": (["create_input_files.py", "--dataset", "coco", "--output-folder", out],
                                        "needs --karpathy-json and --image-folder"),
         "create_input_files missing json": (["create_input_files.py", "--dataset", "coco", "--karpathy-json",
@@ -221,7 +236,9 @@ def bad_inputs(shapes_data, trained_checkpoint, other_data, tmp_path) -> dict[st
 CASES = ["caption missing image", "caption corrupt image", "caption huge image", "caption empty folder",
          "caption beam 0", "caption max-len 0", "caption not a checkpoint", "eval missing checkpoint",
          "eval other dataset", "eval negative beam", "eval unknown metric", "eval wrong data name",
-         "train missing data", "create_input_files no json", "create_input_files missing json"]
+         "train missing data", "train negative workers", "train dropout over 1", "train negative lr",
+         "train resume from export", "eval negative workers", "create_input_files latin-1 csv",
+         "create_input_files no json", "create_input_files missing json"]
 
 
 @pytest.mark.parametrize("case", CASES)
