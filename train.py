@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import metrics
 from datasets import ImageCaptionsDataset, word_map_file
-from eval import caption_split, check_word_map, encode, texts
+from eval import autocast_dtype, caption_split, check_word_map, encode, texts
 from features import cached_features
 from models import CaptionModel, ModelConfig, model_from_checkpoint
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
@@ -144,7 +144,7 @@ class Trainer:
         if self.device.type != "cuda":
             print("note: --amp only applies on CUDA; training in float32")
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return autocast_dtype(self.device)
 
     def _dataset(self, split: str, use_cache: bool) -> ImageCaptionsDataset:
         features = None
