@@ -9,9 +9,11 @@ reported; the two BLEUs differ (see the README). All scores are x100, as papers 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -45,7 +47,9 @@ def java_available() -> bool:
     if shutil.which("java") is None:
         return False
     try:
-        return subprocess.run(["java", "-version"], capture_output=True, timeout=60).returncode == 0
+        # In its own session, so that a Ctrl-C meant for training cannot kill it and leave "no Java" cached.
+        return subprocess.run(["java", "-version"], capture_output=True, timeout=60,
+                              start_new_session=True).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -60,8 +64,35 @@ def tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
     """PTB-tokenise every caption (Java), or fall back to `python_tokenize`."""
     if not java_available():
         return {k: [python_tokenize(c) for c in v] for k, v in captions.items()}
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-    return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    return ptb_tokenize(captions)
+
+
+def ptb_tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    """The COCO evaluation's tokenisation (pycocoevalcap's PTBTokenizer: the same jar, flags and punctuation).
+
+    Run here rather than through PTBTokenizer because that one starts Java in our process group, so the
+    Ctrl-C that asks training to save and stop also killed the tokenizer mid-validation; it also writes its
+    temporary file inside site-packages.
+    """
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+    keys = [k for k, v in captions.items() for _ in v]
+    lines = [c.replace("\n", " ") for v in captions.values() for c in v]
+    jar = Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "captions.txt"
+        source.write_text("\n".join(lines), encoding="utf-8")
+        done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", str(source)], capture_output=True, start_new_session=True,
+                              env={**os.environ, "LC_ALL": "C.UTF-8"})
+    if done.returncode != 0:
+        reason = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        raise RuntimeError(f"the Java PTB tokenizer failed: {reason[0]}")
+    tokenized = done.stdout.decode("utf-8").split("\n")
+    tokenized += [""] * (len(lines) - len(tokenized))  # an empty last caption may leave no line
+    result: dict[int, list[str]] = {k: [] for k in captions}
+    for k, line in zip(keys, tokenized):
+        result[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return result
 
 
 def unavailable_reason(metric: str) -> str | None:

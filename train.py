@@ -113,8 +113,9 @@ class Trainer:
         self.tc, self.model, self.word_map, self.device = tc, model, word_map, device
         self.pad = word_map["<pad>"]
         self.out = Path(tc.checkpoint_dir)
-        for stale in self.out.glob(".checkpoint_*.tmp"):  # left by a run killed while it was saving
+        for stale in self.out.glob(".*.tmp"):  # utils.atomic_path's temp files, left by a run killed mid-write
             stale.unlink()
+        self.last_saved: Path | None = None  # the newest checkpoint of this run, the one to resume from
         model.encoder.fine_tune(tc.fine_tune_encoder)
         if device.type == "cuda":
             model.encoder.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
@@ -180,6 +181,8 @@ class Trainer:
         except OSError as e:
             raise SatError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
                            "intact") from None
+        if name == "last":
+            self.last_saved = path
         return path
 
     # ------------------------------------------------------------------------------------------------ training
@@ -210,8 +213,8 @@ class Trainer:
             ok = self.train_step(inputs, captions, lengths)
             bad_steps = 0 if ok else bad_steps + 1
             if bad_steps >= tc.max_bad_steps:
-                path = self.out / "checkpoint_last.pt"
-                last = f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
+                last = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
+                        else "no checkpoint was written yet")
                 raise SatError(f"training stopped: {bad_steps} consecutive steps had a non-finite loss (lower the "
                                f"learning rate, check --alpha-c, or disable --amp); {last}")
             p.batches_done += 1
@@ -409,6 +412,7 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
     trainer = Trainer(tc, model.to(device), word_map, device)
     if checkpoint is not None:
         trainer.restore(checkpoint)
+        trainer.last_saved = Path(args.resume)
         print(f"resumed from {args.resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
     return trainer
 

@@ -159,7 +159,8 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
         raise SatError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 writes a zip archive
+    # torch.save writes a zip archive since PyTorch 1.6, and a bare pickle stream (first byte 0x80) before.
+    if not zipfile.is_zipfile(path) and not _starts_with(path, b"\x80"):
         raise SatError(f"{path}: not a PyTorch checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
@@ -172,6 +173,11 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise SatError(f"{path}: not a sat checkpoint (no model_config inside)")
     return checkpoint
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(prefix)) == prefix
 
 
 def non_negative_int(text: str) -> int:

@@ -139,3 +139,13 @@ def test_early_stopping_on_cider(shapes_data, tmp_path) -> None:
     best = torch.load(tmp_path / "checkpoint_best.pt", weights_only=True)
     assert best["progress"]["best_score"] == pytest.approx(max(r["val_cider"] for r in records))
     assert best["train_config"]["early_stop_metric"] == "cider"
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="the PTB tokenizer needs Java")
+def test_ptb_tokenize_equals_pycocoevalcaps_tokenizer() -> None:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = {0: ["A man (left) rides a WAVE.", "Isn't it a dog's frisbee?!", "café -- naïve \"quotes\"; ok..."],
+                7: ["two dogs, playing", ""]}
+    expected = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    assert metrics.ptb_tokenize(captions) == expected

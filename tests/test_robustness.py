@@ -2,6 +2,7 @@
 scripts in subprocesses."""
 from __future__ import annotations
 
+import os
 import random
 import resource
 import signal
@@ -14,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+import metrics
 from conftest import train_args
 from models import DecoderWithAttention, Encoder, ModelConfig
-from utils import export_safetensors, load_checkpoint
+from utils import SatError, export_safetensors, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--cache-features", "--batch-size", "16", "--epochs", "2", "--save-every", "4"]  # 15 steps per epoch
@@ -125,6 +127,42 @@ def test_non_finite_losses_are_skipped_then_training_stops(shapes_data, tmp_path
     assert not (tmp_path / "checkpoint_last.pt").exists()
 
 
+def test_non_finite_stop_names_the_checkpoint_it_resumed_from_and_stale_temp_files_go(shapes_data, uninterrupted,
+                                                                                       tmp_path) -> None:
+    stale = [tmp_path / ".checkpoint_last.pt.abc123.tmp", tmp_path / ".curves.png.def456.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    result = script("train.py", *train_args(shapes_data, tmp_path, *FAST), "--epochs", "3", "--resume",
+                    str(uninterrupted), "--alpha-c", "inf", "--max-bad-steps", "2")
+    assert result.returncode == 2
+    assert f"the last good checkpoint is {uninterrupted}" in error_line(result)
+    assert not any(path.exists() for path in stale)
+
+
+TOKENIZE_UNDER_CTRL_C = """
+import signal, sys
+sys.path.insert(0, ".")
+import metrics
+signal.signal(signal.SIGINT, lambda *_: None)  # as train.py does: note the request, finish the step
+captions = {i: [f"a red circle ({i}) is left of a blue square, isn't it?"] * 5 for i in range(4000)}
+print("tokenizing", flush=True)
+print(len(metrics.ptb_tokenize(captions)), flush=True)
+"""
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="the PTB tokenizer needs Java")
+def test_ctrl_c_to_the_process_group_does_not_kill_the_java_tokenizer() -> None:
+    """A terminal's Ctrl-C goes to the whole foreground process group; validation must survive it."""
+    child = subprocess.Popen([sys.executable, "-c", TOKENIZE_UNDER_CTRL_C], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout.readline().strip() == "tokenizing"
+    time.sleep(0.5)  # the JVM is starting or tokenizing now
+    os.killpg(child.pid, signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-2000:]
+    assert out.strip() == "4000"
+
+
 @pytest.fixture(scope="module")
 def tutorial_checkpoint(tmp_path_factory) -> Path:
     """The old tutorial's format: whole pickled modules."""
@@ -148,6 +186,14 @@ def test_pickled_tutorial_checkpoints_are_refused(shapes_data, tutorial_checkpoi
     line = error_line(result)
     assert "arbitrary code" in line and "--trust-checkpoint" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_pre_1_6_pickled_checkpoints_are_refused_too(tmp_path) -> None:
+    """PyTorch before 1.6 wrote a bare pickle stream, not a zip archive."""
+    path = tmp_path / "BEST_checkpoint.pth.tar"
+    torch.save({"epoch": 3, "encoder": Encoder("resnet18")}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(SatError, match="arbitrary code.*--trust-checkpoint"):
+        load_checkpoint(path)
 
 
 def test_safetensors_export_loads_in_eval_and_caption(shapes_data, trained_checkpoint, tmp_path) -> None:
