@@ -1,4 +1,5 @@
-# `make demo`: set up and run the whole shapes demo; `make test`: set up and run the tests.
+# `make demo`: set up and run the whole shapes demo; `make scst`: then fine-tune it with SCST;
+# `make test`: set up and run the tests.
 PY := .venv/bin/python
 DATA := data/shapes
 NAME := shapes_5_cap_per_img_5_min_word_freq
@@ -21,7 +22,14 @@ demo: .venv/installed
 	$(PY) caption.py --checkpoint $(CKPT)/checkpoint_best.pt --img $(DATA)/shapes_raw/images/shapes_001150.jpg \
 	    --out $(CKPT)/captions
 
+# SCST after the demo's cross-entropy training: fine-tune its best checkpoint for CIDEr-D, then evaluate.
+scst: .venv/installed
+	$(PY) train.py --scst --resume $(CKPT)/checkpoint_best.pt --data-folder $(DATA) --data-name $(NAME) \
+	    --checkpoint-dir $(CKPT)_scst --cache-features --epochs 10
+	$(PY) eval.py --checkpoint $(CKPT)_scst/checkpoint_best.pt --data-folder $(DATA) --data-name $(NAME) \
+	    --split test --beam-sizes 1 3 5
+
 test: .venv/installed
 	$(PY) -m pytest -q tests
 
-.PHONY: setup demo test
+.PHONY: setup demo scst test

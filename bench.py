@@ -14,6 +14,8 @@ features.cached_features, eval.caption_split), with random encoder weights (spee
   train_finetune  captions/s, encoder layers 2-4 trained too (--fine-tune-encoder)
   eval_end2end    images/s per beam size, encoder + batched beam search (the encoder time counts in each)
   eval_cached     images/s per beam size, batched beam search from the cached features
+  train_scst      sampled captions/s of self-critical training from the cache (5 samples per image, mean
+                  baseline), and the share of the step spent computing the CIDEr-D rewards
 The encoder weights are torchvision's random init with zero_init_residual=True, saved once into --out and
 passed as --encoder-weights PATH: with the plain random init (--encoder-weights none) ResNet-101's activations
 grow block after block until about 7% of the fp16 cache is inf, and every cached training step would be
@@ -49,7 +51,7 @@ from eval import caption_split
 from features import cached_features, feature_file
 from utils import SatError, atomic_path, positive_int, read_json, resolve_device, run_cli, write_json
 
-PATHS = ("train_frozen", "cache_build", "train_cached", "train_finetune", "eval_end2end", "eval_cached")
+PATHS = ("train_frozen", "cache_build", "train_cached", "train_finetune", "eval_end2end", "eval_cached", "train_scst")
 DATA_NAME = base_name("shapes", 5, 5)
 # Flags left unset take these; the model settings are not flags, the comparison with the reference is for them.
 FULL = {"image_size": 256, "encoder": "resnet101", "encoded_size": 14, "dim": 512, "steps": 10, "warmup": 2,
@@ -64,7 +66,8 @@ TARGETS = {"train_cached": 10.0, "train_finetune": 3.0, "eval_end2end beam 5": 2
 LABELS = {"train_frozen": "train, frozen encoder, from images", "cache_build": "feature cache build (one-time)",
           "train_cached": "train, frozen encoder, from fp16 cache", "train_finetune": "train, fine-tuning encoder",
           "eval_end2end": "eval beam {k}, end-to-end (encoder + search)",
-          "eval_cached": "eval beam {k}, from cache (search only)"}
+          "eval_cached": "eval beam {k}, from cache (search only)",
+          "train_scst": "train, SCST from fp16 cache (5 samples per image)"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,6 +196,42 @@ def bench_training(args: argparse.Namespace, path: str) -> list[dict]:
              "batch": f"{batch} img = {captions // args.steps} cap"}]
 
 
+class TimedReward:
+    """Wraps the CIDEr-D reward so that the benchmark can report the share of the step it takes."""
+
+    def __init__(self, cider: object, device: torch.device):
+        self.cider, self.device, self.seconds = cider, device, 0.0
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        start = clock(self.device)
+        rewards = self.cider(*tensors)
+        self.seconds += clock(self.device) - start
+        return rewards
+
+
+def bench_scst(args: argparse.Namespace) -> list[dict]:
+    """SCST starts from a cross-entropy checkpoint: an untrained one, saved first, does for speed."""
+    start_from = build_trainer(args, args.cached_batch_images, "--cache-features").save("xe")
+    trainer = build_trainer(args, args.cached_batch_images, "--cache-features", "--scst", "--resume",
+                            str(start_from), "--val-beam-size", "1")
+    trainer.cider = TimedReward(trainer.cider, trainer.device)
+    trainer.model.train()
+    batches = full_batches(trainer)
+    for _ in range(args.warmup):
+        trainer.train_step(*next(batches))
+    trainer.cider.seconds = 0.0
+    samples = 0
+    start = clock(trainer.device)
+    for _ in range(args.steps):
+        inputs, caps, lengths = next(batches)
+        trainer.train_step(inputs, caps, lengths)
+        samples += len(inputs) * trainer.tc.scst_samples
+    seconds = clock(trainer.device) - start
+    return [{"path": "train_scst", "value": samples / seconds, "unit": "sampled captions/s", "seconds": seconds,
+             "batch": f"{args.cached_batch_images} img = {samples // args.steps} samples",
+             "reward_share": trainer.cider.seconds / seconds}]
+
+
 def bench_cache_build(args: argparse.Namespace) -> list[dict]:
     trainer = build_trainer(args, args.cached_batch_images)
     encoder, folder, device = trainer.model.encoder, data_folder(args), trainer.device
@@ -240,6 +279,8 @@ def run_worker(args: argparse.Namespace) -> None:
         rows = bench_cache_build(args)
     elif path.startswith("eval"):
         rows = bench_eval(args, path)
+    elif path == "train_scst":
+        rows = bench_scst(args)
     else:
         rows = bench_training(args, path)
     peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # ru_maxrss is in KiB
@@ -334,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
             beams = " / ".join(str(r["beam"]) for r in evals)
             print(f"{path}: at most {evals[0]['max_len'] + 1} decoding steps per batch; mean decoded caption {words} "
                   f"words at beam {beams}")
+    for r in rows:
+        if "reward_share" in r:
+            print(f"train_scst: {100 * r['reward_share']:.1f}% of the step time computes the CIDEr-D rewards")
     write_json(args.json, {"machine": host, "settings": settings(args), "rows": rows})
     print(f"\nresults written to {args.json}")
 

@@ -1,9 +1,12 @@
-"""Train Show, Attend and Tell: cross-entropy plus doubly stochastic attention, early stopping on real decoding.
+"""Train Show, Attend and Tell: cross-entropy plus doubly stochastic attention, early stopping on real decoding;
+then, optionally, self-critical sequence training (SCST) for CIDEr-D.
 
 Example (the shapes demo):
   python train.py --encoder tf_efficientnet_lite0 --encoded-size 8 --cache-features --epochs 10
 Resume after an interruption (same flags):
   python train.py ... --resume checkpoints/checkpoint_last.pt
+Fine-tune the best cross-entropy model for CIDEr-D (into a new folder):
+  python train.py --scst --resume checkpoints/checkpoint_best.pt --checkpoint-dir checkpoints/scst --epochs 10
 """
 from __future__ import annotations
 
@@ -21,15 +24,18 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import metrics
+import scst
 from datasets import ImageCaptionsDataset, word_map_file
 from eval import autocast_dtype, caption_split, check_word_map, encode, texts
 from features import cached_features
-from models import CaptionModel, ModelConfig, model_from_checkpoint
+from models import CaptionModel, ModelConfig, beam_search, model_from_checkpoint
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
     non_negative_int, positive_float, positive_int, probability, read_json, resolve_device, run_cli, save_checkpoint
 
 
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
+SCST_DECODER_LR = 5e-5  # Rennie et al.'s SCST learning rate
+SCST_VAL_BEAM_SIZE = 3
 
 
 @dataclass
@@ -59,6 +65,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    scst: bool = False
+    scst_samples: int = 5
+    scst_baseline: str = "mean"
+    scst_max_len: int = 20
 
 
 @dataclass
@@ -72,6 +82,8 @@ class Progress:
     loss_sum: float = 0.0  # this epoch's running sums, for the logged averages
     top5_sum: float = 0.0
     tokens: int = 0
+    reward_sum: float = 0.0  # SCST: CIDEr-D of the sampled captions
+    samples: int = 0
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -134,6 +146,7 @@ class Trainer:
         self.train_set = self._dataset("train", use_cache)
         self.val_set = self._dataset("val", use_cache)
         # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
+        self.cider = self._cider() if tc.scst else None
         self.sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, epoch=0)
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=tc.workers,
                                  pin_memory=device.type == "cuda", persistent_workers=tc.workers > 0,
@@ -146,6 +159,12 @@ class Trainer:
             print("note: --amp only applies on CUDA; training in float32")
             return None
         return autocast_dtype(self.device)
+
+    def _cider(self) -> scst.CiderD:
+        """The SCST reward, with document frequencies counted once over the training captions."""
+        files = self.train_set.files
+        return scst.CiderD.from_captions(files.captions[:, 1:], files.lengths - 2, files.captions_per_image,
+                                         len(self.word_map)).to(self.device)
 
     def _dataset(self, split: str, use_cache: bool) -> ImageCaptionsDataset:
         features = None
@@ -218,8 +237,7 @@ class Trainer:
                 raise SatError(f"training stopped: {bad_steps} consecutive steps had a non-finite loss (lower the "
                                f"learning rate, check --alpha-c, or disable --amp); {last}")
             p.batches_done += 1
-            tokens = max(p.tokens, 1)
-            bar.set_postfix(loss=f"{p.loss_sum / tokens:.3f}", top5=f"{100 * p.top5_sum / tokens:.1f}")
+            bar.set_postfix(self.running_averages())
             if ok and p.step % tc.save_every == 0:
                 self.save("last")
             if self.stop_signal is not None:
@@ -233,9 +251,7 @@ class Trainer:
         amp = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
             encoder_out = encode(self.model, inputs, self.train_set.features is not None)
-            logits, alphas = self.model.decoder(encoder_out, captions, lengths)
-            xe, attention, top5 = loss_terms(logits, alphas, captions, self.pad)
-            loss = xe + tc.alpha_c * attention
+            loss, sums = (self.scst_loss if tc.scst else self.xe_loss)(encoder_out, captions, lengths)
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             print(f"warning: non-finite loss at step {p.step}; step skipped")
@@ -245,28 +261,91 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]], tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        n = int((lengths - 1).sum())
         p.step += 1
-        p.loss_sum += float(xe.detach()) * n
-        p.top5_sum += float(top5)
-        p.tokens += n
+        for name, value in sums.items():
+            setattr(p, name, getattr(p, name) + value)
         return True
+
+    def xe_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy plus the doubly stochastic penalty, and this batch's sums for Progress."""
+        logits, alphas = self.model.decoder(encoder_out, captions, lengths)
+        xe, attention, top5 = loss_terms(logits, alphas, captions, self.pad)
+        n = int((lengths - 1).sum())
+        return xe + self.tc.alpha_c * attention, {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5),
+                                                  "tokens": n}
+
+    def scst_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor,
+                  lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Self-critical policy gradient: samples rewarded by CIDEr-D against the image's references."""
+        tc, decoder, n = self.tc, self.model.decoder, self.tc.scst_samples
+        B, end = captions.size(0), self.word_map["<end>"]
+        tokens, log_probs, mask = scst.sample(decoder, encoder_out, self.word_map, n, tc.scst_max_len)
+        with torch.no_grad():
+            refs, ref_lengths = captions[:, :, 1:int(lengths.max()) - 1], lengths - 2  # words only
+            rewards = self.cider(tokens.view(B, n, -1), scst.caption_lengths(tokens, end).view(B, n), refs,
+                                 ref_lengths).flatten()  # (B*n,)
+            if tc.scst_baseline == "mean":
+                base = scst.baseline(rewards, n)
+            else:
+                base = self.greedy_rewards(encoder_out, refs, ref_lengths).repeat_interleave(n)
+        loss = scst.policy_loss(log_probs, mask, rewards - base)
+        n_tokens = int(mask.sum())
+        return loss, {"loss_sum": float(loss.detach()) * n_tokens, "tokens": n_tokens,
+                      "reward_sum": float(rewards.sum()), "samples": len(rewards)}
+
+    def greedy_rewards(self, encoder_out: torch.Tensor, refs: torch.Tensor, ref_lengths: torch.Tensor) -> torch.Tensor:
+        """CIDEr-D of each image's greedy caption (the baseline of Rennie et al.): (B,)."""
+        decoder = self.model.decoder
+        decoder.eval()
+        greedy = beam_search(decoder, encoder_out.detach(), self.word_map, 1, self.tc.scst_max_len)
+        decoder.train()
+        words = torch.nn.utils.rnn.pad_sequence([torch.tensor(c.tokens + [0], dtype=torch.long) for c in greedy],
+                                                batch_first=True).to(refs.device)
+        greedy_lengths = torch.tensor([len(c.tokens) for c in greedy], device=refs.device)
+        return self.cider(words.unsqueeze(1), greedy_lengths.unsqueeze(1), refs, ref_lengths).squeeze(1)
+
+    def running_averages(self) -> dict[str, str]:
+        p = self.progress
+        averages = {"loss": f"{p.loss_sum / max(p.tokens, 1):.3f}"}
+        if self.tc.scst:
+            return {**averages, "cider": f"{100 * p.reward_sum / max(p.samples, 1):.1f}"}
+        return {**averages, "top5": f"{100 * p.top5_sum / max(p.tokens, 1):.1f}"}
+
+    def validate(self) -> dict[str, float]:
+        """BLEU-1..4 and CIDEr-D of real (beam search) decoding of the validation split."""
+        tc = self.tc
+        captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
+                                 batch_size=64, device=self.device)[tc.val_beam_size]
+        return metrics.caption_scores(self.val_set.references, texts(captions, self.word_map), ("bleu", "cider"))[0]
+
+    def start_scst(self, source: str) -> None:
+        """Score the cross-entropy model SCST starts from: it is the first best checkpoint to beat."""
+        p = self.progress
+        scores = self.validate()
+        p.best_score = scores[self.tc.early_stop_metric]
+        self.save("best")
+        self.log({"epoch": -1, "step": 0, "scst_from": source, **{f"val_{k}": v for k, v in scores.items()},
+                  "time": time.time()})
+        print(f"SCST starts from {source}: val BLEU-4 {scores['bleu4']:.2f}, CIDEr-D {scores['cider']:.2f} "
+              f"(beam {self.tc.val_beam_size})")
 
     def end_epoch(self) -> None:
         """Validate by real decoding, keep the best model, decay the LR, log and plot."""
         tc, p = self.tc, self.progress
-        captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
-                                 batch_size=64, device=self.device)[tc.val_beam_size]
-        scores, _ = metrics.caption_scores(self.val_set.references, texts(captions, self.word_map), ("bleu", "cider"))
+        scores = self.validate()
         score = scores[tc.early_stop_metric]
         improved = score > p.best_score
         p.best_score = max(score, p.best_score)
         p.epochs_since_improvement = 0 if improved else p.epochs_since_improvement + 1
         self.scheduler.step(score)
-        record = {"epoch": p.epoch, "step": p.step, "train_loss": p.loss_sum / max(p.tokens, 1),
-                  "train_top5": 100 * p.top5_sum / max(p.tokens, 1), **{f"val_{k}": v for k, v in scores.items()},
+        train = ({"train_loss": p.loss_sum / max(p.tokens, 1), "train_cider": 100 * p.reward_sum / max(p.samples, 1)}
+                 if tc.scst else
+                 {"train_loss": p.loss_sum / max(p.tokens, 1), "train_top5": 100 * p.top5_sum / max(p.tokens, 1)})
+        record = {"epoch": p.epoch, "step": p.step, **train, **{f"val_{k}": v for k, v in scores.items()},
                   "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
         p.epoch, p.batches_done, p.loss_sum, p.top5_sum, p.tokens = p.epoch + 1, 0, 0.0, 0.0, 0
+        p.reward_sum, p.samples = 0.0, 0
         if improved:
             self.save("best")
         self.save("last")
@@ -292,8 +371,13 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     epochs = [r["epoch"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [r["train_loss"] for r in records], marker="o")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
+    trained = [r for r in records if "train_loss" in r]  # SCST logs its starting point without training
+    if any("train_cider" in r for r in trained):
+        ax1.plot([r["epoch"] for r in trained], [r["train_cider"] for r in trained], marker="o")
+        ax1.set(xlabel="epoch", ylabel="CIDEr-D (x100)", title="SCST reward of the sampled captions")
+    else:
+        ax1.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], marker="o")
+        ax1.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
     ax2.plot(epochs, [r["val_bleu4"] for r in records], marker="o", color="tab:green", label="BLEU-4")
     ax2.plot(epochs, [r["val_cider"] for r in records], marker="s", color="tab:purple", label="CIDEr-D")
     ax2.set(xlabel="epoch", ylabel="score (x100)", title="validation, real decoding")
@@ -345,8 +429,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     opt.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                      help=f"images per batch, each with all its captions (default: {d.batch_size})")
-    opt.add_argument("--decoder-lr", type=positive_float, default=d.decoder_lr,
-                     help=f"Adam LR of the decoder (default: {d.decoder_lr})")
+    opt.add_argument("--decoder-lr", type=positive_float,
+                     help=f"Adam LR of the decoder (default: {d.decoder_lr}, or {SCST_DECODER_LR} with --scst)")
     opt.add_argument("--encoder-lr", type=positive_float, default=d.encoder_lr,
                      help=f"Adam LR of the encoder when fine-tuning (default: {d.encoder_lr})")
     opt.add_argument("--fine-tune-encoder", action="store_true",
@@ -365,11 +449,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.add_argument("--amp", action="store_true",
                      help="mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling (default: off)")
     val = p.add_argument_group("validation and checkpoints")
-    val.add_argument("--val-beam-size", type=positive_int, default=d.val_beam_size,
-                     help=f"beam size of the validation decoding that early stopping uses (default: {d.val_beam_size})")
-    val.add_argument("--early-stop-metric", choices=["bleu4", "cider"], default=d.early_stop_metric,
+    val.add_argument("--val-beam-size", type=positive_int,
+                     help=f"beam size of the validation decoding that early stopping uses (default: {d.val_beam_size}, "
+                          f"or {SCST_VAL_BEAM_SIZE} with --scst)")
+    val.add_argument("--early-stop-metric", choices=["bleu4", "cider"],
                      help=f"validation score that picks checkpoint_best and drives LR decay and early stopping "
-                          f"(default: {d.early_stop_metric})")
+                          f"(default: {d.early_stop_metric}, or cider with --scst)")
     val.add_argument("--val-max-len", type=positive_int, default=d.val_max_len,
                      help=f"longest validation caption in words (default: {d.val_max_len})")
     val.add_argument("--save-every", type=positive_int, default=d.save_every,
@@ -382,6 +467,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     val.add_argument("--export", metavar="PATH.safetensors",
                      help="with --resume: write that checkpoint's weights, config and word map as one safetensors "
                           "file for sharing (eval.py and caption.py load it), then exit without training")
+    sc = p.add_argument_group("self-critical sequence training (Rennie et al. 2017)")
+    sc.add_argument("--scst", action="store_true",
+                    help="fine-tune for CIDEr-D with REINFORCE; needs --resume: a cross-entropy checkpoint starts "
+                         "a new SCST run (weights only; new optimizer, validated first), an SCST checkpoint "
+                         "continues one (default: off)")
+    sc.add_argument("--scst-samples", type=at_least_two, default=d.scst_samples,
+                    help=f"captions sampled per image (default: {d.scst_samples})")
+    sc.add_argument("--scst-baseline", choices=["mean", "greedy"], default=d.scst_baseline,
+                    help="reward baseline: the mean reward of the image's other samples, or the CIDEr-D of its greedy "
+                         f"caption (default: {d.scst_baseline})")
+    sc.add_argument("--scst-max-len", type=positive_int, default=d.scst_max_len,
+                    help=f"longest sampled caption in words (default: {d.scst_max_len})")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=d.seed,
                      help=f"seed of weights, data order and dropout (default: {d.seed})")
@@ -390,18 +487,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (the baseline is the other samples' mean), got {value}")
+    return value
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Defaults that differ between cross-entropy and SCST training."""
+    d = TrainConfig()
+    if args.decoder_lr is None:
+        args.decoder_lr = SCST_DECODER_LR if args.scst else d.decoder_lr
+    if args.val_beam_size is None:
+        args.val_beam_size = SCST_VAL_BEAM_SIZE if args.scst else d.val_beam_size
+    if args.early_stop_metric is None:
+        args.early_stop_metric = "cider" if args.scst else d.early_stop_metric
+
+
 def build_trainer(args: argparse.Namespace) -> Trainer:
+    resolve_defaults(args)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     word_map = read_json(word_map_file(tc.data_folder, tc.data_name))
     checkpoint = None
+    if tc.scst and not args.resume:
+        raise SatError("--scst fine-tunes a trained model: pass --resume CHECKPOINT (the best cross-entropy one)")
     if args.resume:
         checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
         if "optimizer" not in checkpoint:
             raise SatError(f"{args.resume}: an exported model holds no training state to resume; resume from a "
                            "checkpoint_*.pt that train.py wrote")
         check_word_map(checkpoint["word_map"], tc.data_folder, tc.data_name, args.resume)
+        if checkpoint["train_config"].get("scst", False) and not tc.scst:
+            raise SatError(f"{args.resume}: an SCST checkpoint; add --scst to continue that run")
         model, _ = model_from_checkpoint(checkpoint, args.resume)
     else:
         mc = ModelConfig(vocab_size=len(word_map), encoder=args.encoder, encoded_size=args.encoded_size,
@@ -410,10 +530,14 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                          attention_activation=args.attention_activation)
         model = CaptionModel(mc, tc.encoder_weights)
     trainer = Trainer(tc, model.to(device), word_map, device)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-        trainer.last_saved = Path(args.resume)
-        print(f"resumed from {args.resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+    if checkpoint is None:
+        return trainer
+    if tc.scst and not checkpoint["train_config"].get("scst", False):
+        trainer.start_scst(args.resume)  # a new phase: only the weights carry over
+        return trainer
+    trainer.restore(checkpoint)
+    trainer.last_saved = Path(args.resume)
+    print(f"resumed from {args.resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
     return trainer
 
 
