@@ -49,15 +49,18 @@ import train
 from datasets import ImageCaptionsDataset, base_name, create_input_files, read_karpathy, word_map_file
 from eval import caption_split
 from features import cached_features, feature_file
-from utils import SatError, atomic_path, positive_int, read_json, resolve_device, run_cli, write_json
+from utils import SatError, atomic_path, non_negative_int, positive_int, read_json, resolve_device, run_cli, \
+    write_json
 
 PATHS = ("train_frozen", "cache_build", "train_cached", "train_finetune", "eval_end2end", "eval_cached", "train_scst")
 DATA_NAME = base_name("shapes", 5, 5)
 # Flags left unset take these; the model settings are not flags, the comparison with the reference is for them.
 FULL = {"image_size": 256, "encoder": "resnet101", "encoded_size": 14, "dim": 512, "steps": 10, "warmup": 2,
-        "train_images": 200, "images_per_batch": 6, "cached_batch_images": 32, "eval_images": 64, "eval_batch": 32}
+        "train_images": 200, "images_per_batch": 6, "cached_batch_images": 32, "eval_images": 64, "eval_batch": 32,
+        "decoder_epochs": 0}
 QUICK = {"image_size": 64, "encoder": "resnet18", "encoded_size": 4, "dim": 32, "steps": 2, "warmup": 1,
-         "train_images": 8, "images_per_batch": 2, "cached_batch_images": 4, "eval_images": 4, "eval_batch": 2}
+         "train_images": 8, "images_per_batch": 2, "cached_batch_images": 4, "eval_images": 4, "eval_batch": 2,
+         "decoder_epochs": 0}
 # The tutorial's numbers: captions/s, images/s at each beam size, peak memory in GB.
 REFERENCE = {"train_frozen": 3.2, "train_cached": 3.2, "train_finetune": 1.6}
 REFERENCE_EVAL = {1: 4.7, 3: 3.2, 5: 2.8}
@@ -87,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     count("--eval-images", "eval_images", "test images decoded per beam size")
     count("--eval-batch", "eval_batch", "images decoded together; also the size of the val split the eval "
                                         "warm-up decodes")
+    p.add_argument("--decoder-epochs", type=non_negative_int,
+                   help="eval paths: first train the decoder this many epochs on the cached train features "
+                        "(untimed, once, kept in --out), so that beams end as a trained model's do; 0 decodes "
+                        f"with the untrained decoder, a worst case (default: {f['decoder_epochs']})")
     p.add_argument("--beam-sizes", type=positive_int, nargs="+", default=[1, 3, 5],
                    help="beam sizes of the eval paths (default: 1 3 5)")
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), metavar="PATH",
@@ -246,9 +253,25 @@ def bench_cache_build(args: argparse.Namespace) -> list[dict]:
              "batch": f"{args.cached_batch_images} img"}]
 
 
+def trained_decoder(args: argparse.Namespace) -> Path:
+    """The decoder's weights after --decoder-epochs of train.py's training on the cached features; trained by
+    the first eval path that needs them, reused by the next."""
+    path = Path(args.out) / f"decoder_{args.encoder}_{args.encoded_size}x{args.encoded_size}_{args.dim}_" \
+                            f"{args.train_images}img_{args.decoder_epochs}ep.pt"
+    if not path.is_file():
+        trainer = build_trainer(args, args.cached_batch_images, "--cache-features", "--epochs",
+                                str(args.decoder_epochs), "--decoder-lr", "1e-3")
+        trainer.run()
+        with atomic_path(path) as tmp:
+            torch.save(trainer.model.decoder.state_dict(), tmp)
+    return path
+
+
 def bench_eval(args: argparse.Namespace, path: str) -> list[dict]:
     trainer = build_trainer(args, args.eval_batch)  # the model exactly as train.py would start it
     model, word_map, device, folder = trainer.model, trainer.word_map, trainer.device, data_folder(args)
+    if args.decoder_epochs:
+        model.decoder.load_state_dict(torch.load(trained_decoder(args), map_location=device, weights_only=True))
 
     def split(name: str) -> ImageCaptionsDataset:
         features = None
@@ -269,7 +292,8 @@ def bench_eval(args: argparse.Namespace, path: str) -> list[dict]:
         seconds = clock(device) - start
         words = sum(len(c.tokens) for c in captions) / len(captions)
         rows.append({"path": path, "beam": k, "value": len(test) / seconds, "unit": "images/s", "seconds": seconds,
-                     "batch": f"{args.eval_batch} img", "max_len": max_len, "mean_words": words})
+                     "batch": f"{args.eval_batch} img", "max_len": max_len, "mean_words": words,
+                     "finished": sum(c.finished for c in captions) / len(captions)})
     return rows
 
 
@@ -313,7 +337,7 @@ def machine(device: torch.device) -> dict:
 
 def settings(args: argparse.Namespace) -> dict:
     keys = ["quick", "image_size", "encoder", "encoded_size", "dim", "images_per_batch", "cached_batch_images",
-            "eval_batch", "beam_sizes", "steps", "warmup", "train_images", "eval_images", "amp"]
+            "eval_batch", "beam_sizes", "steps", "warmup", "train_images", "eval_images", "decoder_epochs", "amp"]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -373,8 +397,9 @@ def main(argv: list[str] | None = None) -> None:
         if evals:
             words = " / ".join(f"{r['mean_words']:.1f}" for r in evals)
             beams = " / ".join(str(r["beam"]) for r in evals)
+            ended = " / ".join(f"{100 * r['finished']:.0f}%" for r in evals)
             print(f"{path}: at most {evals[0]['max_len'] + 1} decoding steps per batch; mean decoded caption {words} "
-                  f"words at beam {beams}")
+                  f"words at beam {beams}; {ended} of the captions ended with <end>")
     for r in rows:
         if "reward_share" in r:
             print(f"train_scst: {100 * r['reward_share']:.1f}% of the step time computes the CIDEr-D rewards")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import models
 from models import Attention, CaptionModel, DecoderWithAttention, Encoder, ModelConfig, beam_search, decode_tokens
 from train import loss_terms
 from utils import SatError
@@ -88,6 +89,21 @@ def test_attention_weights_sum_to_one_and_context_is_their_average() -> None:
     assert alpha.shape == (4, 9) and context.shape == (4, 8)
     torch.testing.assert_close(alpha.sum(dim=1), torch.ones(4))
     torch.testing.assert_close(context, (alpha.unsqueeze(2) * features).sum(dim=1))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_attention_in_cache_sized_chunks_equals_the_whole_tensor(activation: str, monkeypatch) -> None:
+    """Inference on a CPU builds the scores a few images at a time; they must be the same scores."""
+    torch.manual_seed(0)
+    attention = Attention(encoder_dim=24, decoder_dim=16, attention_dim=32, activation=activation)
+    encoder_out, h = torch.randn(7, 9, 24), torch.randn(7 * 3, 16)
+    projected = attention.project(encoder_out)
+    monkeypatch.setattr(models, "CHUNK_BYTES", 2 * 3 * 9 * 32 * 4)  # two images per chunk, the last one alone
+    with torch.no_grad():
+        chunked = attention(encoder_out, projected, h)
+    whole = attention(encoder_out, projected, h)  # gradients enabled: one tensor
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b.detach())
 
 
 def test_decoder_teacher_forcing_shapes_and_per_step_attention() -> None:
