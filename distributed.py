@@ -30,12 +30,17 @@ def setup(device: torch.device) -> torch.device:
     GPUs. Ranks other than 0 stop writing to stdout: everything they would print repeats rank 0's lines (errors
     still reach stderr)."""
     global _cpu_group, _device
-    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+    if "LOCAL_RANK" not in os.environ:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)  # binds this process's collectives to its GPU
+    else:
+        dist.init_process_group("gloo")
     _cpu_group = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
     _device = device
     if dist.get_rank() > 0:
