@@ -1,11 +1,14 @@
-"""train.py under torchrun: 2 CPU processes (gloo) against 1 process, resuming across process counts, clean exits."""
+"""train.py under torchrun: 2 CPU processes (gloo) against 1 process, resuming across process counts, a signal to
+one rank, clean exits."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +28,40 @@ RUN = ["--cache-features", "--batch-size", "239", "--dropout", "0", "--epochs", 
 NO_GRADIENT = {"attention.full_att.bias"}
 
 
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*TORCHRUN, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(launcher: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """stdout and stderr of the job; on a timeout, its processes are killed (torchrun gives each rank a session of
+    its own, so killing torchrun alone would leave them running) and the test fails."""
+    try:
+        return launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in rank_pids(launcher.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        raise AssertionError(f"the job did not end within {timeout} s: {launcher.communicate()[1][-3000:]}") from None
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*TORCHRUN, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=env)
+    launcher = start(*args)
+    stdout, stderr = finish(launcher, timeout=300)
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
+
+
+def rank_pids(launcher: int) -> dict[int, int]:
+    """Rank -> process id of torchrun's children, from their environments."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if int(proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher:
+                env = dict(v.split(b"=", 1) for v in proc.joinpath("environ").read_bytes().split(b"\0") if b"=" in v)
+                pids[int(env[b"RANK"])] = int(proc.name)
+        except (OSError, ValueError, IndexError, KeyError):  # not a process, or one that has just ended
+            continue
+    return pids
 
 
 def assert_same_training(path: Path, expected: Path) -> None:
@@ -102,3 +135,24 @@ def test_repeated_launches_all_exit_cleanly(shapes_data, one_process, tmp_path) 
                           str(out / "checkpoint_last.pt"))
         assert result.returncode == 0, (launch, result.stderr[-3000:])
         assert load_checkpoint(out / "checkpoint_last.pt")["progress"]["step"] == 6
+
+
+def test_a_signal_to_one_rank_stops_all_at_the_same_step(shapes_data, tmp_path) -> None:
+    """SIGTERM reaches only rank 1: the ranks agree on it, rank 0 saves at that step, and the job ends at once."""
+    args = train_args(shapes_data, tmp_path, "--cache-features", "--batch-size", "16", "--epochs", "2",
+                      "--save-every", "4")  # 15 steps per epoch
+    launcher = start(*args)
+    last = tmp_path / "checkpoint_last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            finish(launcher, timeout=1)
+            raise AssertionError(f"no checkpoint appeared; exit code {launcher.returncode}")
+        time.sleep(0.05)
+    os.kill(rank_pids(launcher.pid)[1], signal.SIGTERM)
+    stdout, stderr = finish(launcher, timeout=60)  # ranks that disagreed would wait on each other for ever
+    assert f"stopped by signal 15: saved {last}" in stdout, stderr[-3000:]
+    assert "exitcode: 143" in stderr  # 128 + SIGTERM, from a rank that left through the final barrier
+    assert 'train.py", line' not in stderr  # no rank died on an error (torchrun prints its own traceback)
+    step = load_checkpoint(last)["progress"]["step"]
+    assert 4 <= step < 30
