@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import metrics
@@ -40,12 +40,13 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 def caption_split(model: CaptionModel, dataset: ImageCaptionsDataset, word_map: dict[str, int],
                   beam_sizes: list[int], max_len: int, batch_size: int, device: torch.device,
                   length_penalty: float = 0.0, workers: int = 0, progress: bool = True,
-                  amp: bool = False) -> dict[int, list[Caption]]:
-    """Decode every image of the split once per beam size; each batch is encoded once for all beam sizes."""
+                  amp: bool = False, indices: range | None = None) -> dict[int, list[Caption]]:
+    """Decode every image of the split (or those of `indices`, e.g. one rank's share) once per beam size; each
+    batch is encoded once for all beam sizes."""
     model.eval()
     dtype = autocast_dtype(device) if amp else torch.float32
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     results: dict[int, list[Caption]] = {k: [] for k in beam_sizes}
     for inputs, *_ in tqdm(loader, desc="decoding", unit="batch", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=amp):

@@ -154,6 +154,19 @@ def sample(decoder: nn.Module, encoder_out: Tensor, word_map: dict[str, int], n:
     return torch.stack(tokens, 1), torch.stack(log_probs, 1), torch.stack(masks, 1)
 
 
+class Sampler(nn.Module):
+    """`sample` as a module's forward: DistributedDataParallel syncs the gradients of what runs through the
+    forward of the module it wraps, and the decoder's own forward is teacher forcing."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, encoder_out: Tensor, word_map: dict[str, int], n: int,
+                max_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        return sample(self.decoder, encoder_out, word_map, n, max_len)
+
+
 def baseline(rewards: Tensor, n: int) -> Tensor:
     """The mean reward of each sample's n-1 siblings (same image): rewards (B*n,) -> (B*n,)."""
     per_image = rewards.view(-1, n)

@@ -7,6 +7,8 @@ Resume after an interruption (same flags):
   python train.py ... --resume checkpoints/checkpoint_last.pt
 Fine-tune the best cross-entropy model for CIDEr-D (into a new folder):
   python train.py --scst --resume checkpoints/checkpoint_best.pt --checkpoint-dir checkpoints/scst --epochs 10
+On N GPUs (or CPU processes) of one machine; --batch-size stays the whole batch, split over the N:
+  torchrun --standalone --nproc_per_node=N train.py ...
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+import distributed
 import metrics
 import scst
 from datasets import ImageCaptionsDataset, word_map_file
-from eval import autocast_dtype, caption_split, check_word_map, encode, texts
+from eval import autocast_dtype, caption_split, check_word_map, texts
 from features import cached_features
 from models import CaptionModel, ModelConfig, beam_search, model_from_checkpoint
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
@@ -91,15 +94,29 @@ class EpochBatches(Sampler[list[int]]):
 
     Owning the permutation (instead of a RandomSampler drawing on the global RNG) is what makes a
     resumed run see exactly the batches an uninterrupted run would.
+
+    With several processes (torchrun) every batch is dealt out: rank r of N takes the batch's images r, r + N,
+    r + 2N, ..., so the N ranks together see exactly the batches one process would, and `skip` counts whole
+    batches, whatever N was when they were trained.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         for first in range(self.skip * self.batch_size, self.n, self.batch_size):
-            yield order[first:first + self.batch_size].tolist()
+            batch = order[first:first + self.batch_size]
+            # A rank left without an image (the epoch's last batch can be smaller than N) must still step with the
+            # others; it takes the batch's first image, which train_step then weighs zero.
+            share = batch[:1] if self.stand_in(first // self.batch_size) else batch[self.rank::self.world_size]
+            yield share.tolist()
+
+    def stand_in(self, batch: int) -> bool:
+        """Whether this rank's share of batch number `batch` of the epoch is empty, so that it gets a stand-in."""
+        return self.rank >= min(self.batch_size, self.n - batch * self.batch_size)
 
     def __len__(self) -> int:
         return max(0, -(-self.n // self.batch_size) - self.skip)
@@ -126,11 +143,17 @@ class Trainer:
         self.pad = word_map["<pad>"]
         self.out = Path(tc.checkpoint_dir)
         for stale in self.out.glob(".*.tmp"):  # utils.atomic_path's temp files, left by a run killed mid-write
-            stale.unlink()
+            stale.unlink(missing_ok=True)  # every rank looks; one of them removes it
         self.last_saved: Path | None = None  # the newest checkpoint of this run, the one to resume from
         model.encoder.fine_tune(tc.fine_tune_encoder)
         if device.type == "cuda":
             model.encoder.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        # What training calls: under torchrun, DistributedDataParallel wrappers (sharing the model's parameters)
+        # that average the ranks' gradients. Validation's beam search calls the model's own modules.
+        self.encoder = distributed.wrap(model.encoder) if tc.fine_tune_encoder else model.encoder
+        # SCST samples captions step by step rather than calling the decoder's forward: scst.Sampler makes that its
+        # forward, so that DDP syncs its gradients too.
+        self.decoder = distributed.wrap(scst.Sampler(model.decoder) if tc.scst else model.decoder)
         groups = [{"params": model.decoder.parameters(), "lr": tc.decoder_lr}]
         if tc.fine_tune_encoder:
             groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": tc.encoder_lr})
@@ -147,7 +170,8 @@ class Trainer:
         self.val_set = self._dataset("val", use_cache)
         # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
         self.cider = self._cider() if tc.scst else None
-        self.sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, epoch=0)
+        self.sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, epoch=0, rank=distributed.rank(),
+                                    world_size=distributed.world_size())
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=tc.workers,
                                  pin_memory=device.type == "cuda", persistent_workers=tc.workers > 0,
                                  generator=torch.Generator().manual_seed(tc.seed))
@@ -169,8 +193,9 @@ class Trainer:
     def _dataset(self, split: str, use_cache: bool) -> ImageCaptionsDataset:
         features = None
         if use_cache:
-            features = cached_features(self.model.encoder, self.tc.data_folder, self.tc.data_name, split,
-                                       self.device, batch_size=self.tc.batch_size)
+            with distributed.main_first():  # rank 0 builds the cache; the others then find it up to date
+                features = cached_features(self.model.encoder, self.tc.data_folder, self.tc.data_name, split,
+                                           self.device, batch_size=self.tc.batch_size)
         return ImageCaptionsDataset(self.tc.data_folder, self.tc.data_name, split, features=features)
 
     # -------------------------------------------------------------------------------------------- checkpoints
@@ -195,6 +220,8 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         path = self.out / f"checkpoint_{name}.pt"
+        if not distributed.is_main():
+            return path  # the ranks hold the same state: rank 0 writes it
         try:
             save_checkpoint(path, self.state())
         except OSError as e:
@@ -208,15 +235,15 @@ class Trainer:
     def run(self) -> float:
         """Train until --epochs or early stopping; returns the best validation score."""
         tc, p = self.tc, self.progress
-        while p.epoch < tc.epochs and self.stop_signal is None:
+        while p.epoch < tc.epochs and not self.stop_requested():
             self.train_epoch()
-            if self.stop_signal is not None:
+            if self.stop_requested():
                 break
             self.end_epoch()
             if p.epochs_since_improvement >= tc.patience:
                 print(f"early stop: no {METRIC_NAMES[tc.early_stop_metric]} improvement in {tc.patience} epochs")
                 break
-        if self.stop_signal is not None:
+        if self.stop_requested():
             path = self.save("last")
             print(f"stopped by signal {self.stop_signal}: saved {path}; continue with --resume {path}")
         return p.best_score
@@ -226,7 +253,7 @@ class Trainer:
         model.train()
         self.sampler.epoch, self.sampler.skip = p.epoch, p.batches_done
         bar = tqdm(self.loader, desc=f"epoch {p.epoch}", unit="batch", initial=p.batches_done,
-                   total=p.batches_done + len(self.sampler))
+                   total=p.batches_done + len(self.sampler), disable=not distributed.is_main())
         bad_steps = 0
         for inputs, captions, lengths, _ in bar:
             ok = self.train_step(inputs, captions, lengths)
@@ -240,8 +267,18 @@ class Trainer:
             bar.set_postfix(self.running_averages())
             if ok and p.step % tc.save_every == 0:
                 self.save("last")
-            if self.stop_signal is not None:
+            if self.stop_requested():
                 return
+
+    def stop_requested(self) -> bool:
+        """Whether SIGINT or SIGTERM asked to stop. A signal can reach the ranks of a torchrun job at different
+        steps, so they agree on it (any rank's signal stops them all, at the same step)."""
+        if distributed.world_size() == 1:
+            return self.stop_signal is not None
+        signum = int(distributed.max_over_ranks(self.stop_signal or 0))
+        if signum:
+            self.stop_signal = signum
+        return signum > 0
 
     def train_step(self, inputs: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> bool:
         """One optimizer step; returns False (and changes nothing) when the loss is not finite."""
@@ -250,37 +287,51 @@ class Trainer:
         captions, lengths = captions.to(self.device), lengths.to(self.device)
         amp = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            encoder_out = encode(self.model, inputs, self.train_set.features is not None)
-            loss, sums = (self.scst_loss if tc.scst else self.xe_loss)(encoder_out, captions, lengths)
+            encoder_out = inputs.float() if self.train_set.features is not None else self.encoder(inputs)
+            terms, sums = (self.scst_loss if tc.scst else self.xe_loss)(encoder_out, captions, lengths)
+            loss = sum(term for term, _ in terms)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        counts = [n for _, n in terms]
+        if self.sampler.stand_in(p.batches_done):  # this rank's share of the batch is a stand-in that weighs zero
+            counts, sums = [0] * len(terms), dict.fromkeys(sums, 0.0)
+        # Counts and sums over the whole batch, of which each rank of a torchrun job holds a share; every rank skips
+        # the step when any rank's loss is not finite, so that their weights never part.
+        *totals, bad = distributed.sum_over_ranks(counts + list(sums.values()) + [float(not torch.isfinite(loss))])
+        if bad:
             print(f"warning: non-finite loss at step {p.step}; step skipped")
             return False
+        if distributed.world_size() > 1:
+            # Each term is a mean over this rank's share (of tokens, captions or samples). DDP averages the ranks'
+            # gradients: weighing each mean by the rank's share of the batch's count, times N, makes that average
+            # the gradient of the whole batch's loss, as one process has it.
+            loss = distributed.world_size() * sum(term * (n / total) for (term, _), n, total in zip(terms, counts,
+                                                                                                  totals))
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]], tc.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         p.step += 1
-        for name, value in sums.items():
-            setattr(p, name, getattr(p, name) + value)
+        for name, total in zip(sums, totals[len(terms):]):
+            setattr(p, name, getattr(p, name) + type(getattr(p, name))(total))
         return True
 
     def xe_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy plus the doubly stochastic penalty, and this batch's sums for Progress."""
-        logits, alphas = self.model.decoder(encoder_out, captions, lengths)
+                lengths: torch.Tensor) -> tuple[list[tuple[torch.Tensor, int]], dict[str, float]]:
+        """Cross-entropy (a mean over tokens) plus the doubly stochastic penalty (a mean over captions), each with
+        the count it averages over, and this batch's sums for Progress."""
+        logits, alphas = self.decoder(encoder_out, captions, lengths)
         xe, attention, top5 = loss_terms(logits, alphas, captions, self.pad)
         n = int((lengths - 1).sum())
-        return xe + self.tc.alpha_c * attention, {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5),
-                                                  "tokens": n}
+        return ([(xe, n), (self.tc.alpha_c * attention, logits.size(0))],
+                {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5), "tokens": n})
 
     def scst_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor,
-                  lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                  lengths: torch.Tensor) -> tuple[list[tuple[torch.Tensor, int]], dict[str, float]]:
         """Self-critical policy gradient: samples rewarded by CIDEr-D against the image's references."""
-        tc, decoder, n = self.tc, self.model.decoder, self.tc.scst_samples
+        tc, n = self.tc, self.tc.scst_samples
         B, end = captions.size(0), self.word_map["<end>"]
-        tokens, log_probs, mask = scst.sample(decoder, encoder_out, self.word_map, n, tc.scst_max_len)
+        tokens, log_probs, mask = self.decoder(encoder_out, self.word_map, n, tc.scst_max_len)  # scst.Sampler
         with torch.no_grad():
             refs, ref_lengths = captions[:, :, 1:int(lengths.max()) - 1], lengths - 2  # words only
             rewards = self.cider(tokens.view(B, n, -1), scst.caption_lengths(tokens, end).view(B, n), refs,
@@ -291,8 +342,8 @@ class Trainer:
                 base = self.greedy_rewards(encoder_out, refs, ref_lengths).repeat_interleave(n)
         loss = scst.policy_loss(log_probs, mask, rewards - base)
         n_tokens = int(mask.sum())
-        return loss, {"loss_sum": float(loss.detach()) * n_tokens, "tokens": n_tokens,
-                      "reward_sum": float(rewards.sum()), "samples": len(rewards)}
+        return [(loss, n_tokens)], {"loss_sum": float(loss.detach()) * n_tokens, "tokens": n_tokens,
+                                    "reward_sum": float(rewards.sum()), "samples": len(rewards)}
 
     def greedy_rewards(self, encoder_out: torch.Tensor, refs: torch.Tensor, ref_lengths: torch.Tensor) -> torch.Tensor:
         """CIDEr-D of each image's greedy caption (the baseline of Rennie et al.): (B,)."""
@@ -315,9 +366,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """BLEU-1..4 and CIDEr-D of real (beam search) decoding of the validation split."""
         tc = self.tc
+        # Each rank decodes its share of the images; rank 0 scores all the captions and tells the others.
         captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
-                                 batch_size=64, device=self.device)[tc.val_beam_size]
-        return metrics.caption_scores(self.val_set.references, texts(captions, self.word_map), ("bleu", "cider"))[0]
+                                 batch_size=64, device=self.device, progress=distributed.is_main(),
+                                 indices=distributed.shard(len(self.val_set)))[tc.val_beam_size]
+        hypotheses = distributed.gather(texts(captions, self.word_map))
+        return distributed.from_main(
+            lambda: metrics.caption_scores(self.val_set.references, hypotheses, ("bleu", "cider"))[0])
 
     def start_scst(self, source: str) -> None:
         """Score the cross-entropy model SCST starts from: it is the first best checkpoint to beat."""
@@ -355,6 +410,8 @@ class Trainer:
               f"{', saved' if improved else ''})")
 
     def log(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
         log_path = self.out / "metrics.jsonl"
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -428,7 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"maximum epochs (default: {d.epochs})")
     opt.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                     help=f"images per batch, each with all its captions (default: {d.batch_size})")
+                     help=f"images per batch, each with all its captions; under torchrun the whole batch, dealt out "
+                          f"over the N processes (default: {d.batch_size})")
     opt.add_argument("--decoder-lr", type=positive_float,
                      help=f"Adam LR of the decoder (default: {d.decoder_lr}, or {SCST_DECODER_LR} with --scst)")
     opt.add_argument("--encoder-lr", type=positive_float, default=d.encoder_lr,
@@ -482,7 +540,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=d.seed,
                      help=f"seed of weights, data order and dropout (default: {d.seed})")
-    run.add_argument("--device", default=d.device, help=f"auto, cpu or cuda (default: {d.device})")
+    run.add_argument("--device", default=d.device,
+                     help=f"auto, cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK (default: {d.device})")
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -508,7 +567,7 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 def build_trainer(args: argparse.Namespace) -> Trainer:
     resolve_defaults(args)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    device = resolve_device(tc.device)
+    device = distributed.setup(resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     word_map = read_json(word_map_file(tc.data_folder, tc.data_name))
     checkpoint = None
@@ -530,14 +589,15 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
                          attention_activation=args.attention_activation)
         model = CaptionModel(mc, tc.encoder_weights)
     trainer = Trainer(tc, model.to(device), word_map, device)
-    if checkpoint is None:
-        return trainer
-    if tc.scst and not checkpoint["train_config"].get("scst", False):
+    if checkpoint is not None and tc.scst and not checkpoint["train_config"].get("scst", False):
         trainer.start_scst(args.resume)  # a new phase: only the weights carry over
-        return trainer
-    trainer.restore(checkpoint)
-    trainer.last_saved = Path(args.resume)
-    print(f"resumed from {args.resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+    elif checkpoint is not None:
+        trainer.restore(checkpoint)
+        trainer.last_saved = Path(args.resume)
+        print(f"resumed from {args.resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+    if distributed.rank() > 0:
+        # Every rank draws its own dropout masks; rank 0 continues the stream the checkpoint saved.
+        torch.manual_seed(tc.seed + 1_000_003 * distributed.rank() + trainer.progress.step)
     return trainer
 
 
@@ -564,4 +624,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    distributed.exit_cleanly(lambda: run_cli(main))
