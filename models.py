@@ -308,7 +308,6 @@ class HardAttentionDecoder(DecoderWithAttention):
     expectation over locations (as soft attention) or the most likely location.
     """
 
-    traced = ("log_p_s", "entropy")
     baseline_decay = 0.9  # b <- 0.9 b + 0.1 log p(y|s), as in the paper
     lambda_r = 1.0  # weight of the REINFORCE term
     lambda_e = 0.01  # weight of the entropy bonus, which keeps exploring locations
@@ -319,6 +318,7 @@ class HardAttentionDecoder(DecoderWithAttention):
             raise SatError(f"hard attention: estimator '{cfg.hard_estimator}' (reinforce or gumbel), test-time "
                            f"context '{cfg.hard_test}' (expectation or argmax)")
         self.estimator, self.test_context = cfg.hard_estimator, cfg.hard_test
+        self.traced = ("log_p_s", "entropy") if self.estimator == "reinforce" else ()
         # Buffers, so that checkpoints carry the baseline and a resumed run continues exactly.
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
