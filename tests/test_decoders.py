@@ -195,3 +195,31 @@ def test_beta_is_plotted_per_word(tmp_path: Path) -> None:
     plain, beta = (Image.open(tmp_path / f"{n}.png") for n in ("plain", "beta"))
     assert plain.size == beta.size == caption.attention_figure_size(3)
     assert plain.tobytes() != beta.tobytes()
+
+
+def test_hard_attention_resumes_exactly(shapes_data, tmp_path: Path) -> None:
+    """Stopped mid-epoch and resumed: the same weights and REINFORCE baseline as an uninterrupted run."""
+    def trainer(out: Path, *extra: str) -> train.Trainer:
+        return train.build_trainer(train.parse_args(train_args(
+            shapes_data, out, "--cache-features", "--epochs", "1", "--batch-size", "24", "--decoder-lr", "3e-3",
+            "--decoder", "hard", "--val-max-len", "12", *extra)))
+
+    straight = trainer(tmp_path / "straight")
+    straight.run()
+    stopped = trainer(tmp_path / "stopped")
+    step = stopped.train_step
+
+    def stop_at_step_4(*args) -> bool:
+        ok = step(*args)
+        if stopped.progress.step == 4:
+            stopped.stop_signal = 15
+        return ok
+
+    stopped.train_step = stop_at_step_4
+    stopped.run()
+    resumed = trainer(tmp_path / "stopped", "--resume", str(tmp_path / "stopped" / "checkpoint_last.pt"))
+    assert int(resumed.model.decoder.baseline_updates) == 4
+    resumed.run()
+    expected = straight.model.decoder.state_dict()
+    for name, tensor in resumed.model.decoder.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
