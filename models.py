@@ -355,10 +355,11 @@ class HardAttentionDecoder(DecoderWithAttention):
             return 0.0
         reward = log_likelihood.detach()
         mean = reward.mean()
-        with torch.no_grad():
-            b = self.baseline.clone() if int(self.baseline_updates) else mean
-            self.baseline.copy_(self.baseline_decay * b + (1 - self.baseline_decay) * mean)
-            self.baseline_updates += 1
+        b = self.baseline.clone() if int(self.baseline_updates) else mean
+        if bool(torch.isfinite(mean)):  # a non-finite step is skipped by train.py and must leave b as it was
+            with torch.no_grad():
+                self.baseline.copy_(self.baseline_decay * b + (1 - self.baseline_decay) * mean)
+                self.baseline_updates += 1
         log_p_s, entropy = self.traces["log_p_s"].sum(dim=1), self.traces["entropy"].sum(dim=1)  # (B*K,)
         return -(self.lambda_r * (reward - b) * log_p_s + self.lambda_e * entropy).mean()
 

@@ -223,3 +223,14 @@ def test_hard_attention_resumes_exactly(shapes_data, tmp_path: Path) -> None:
     expected = straight.model.decoder.state_dict()
     for name, tensor in resumed.model.decoder.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_non_finite_reward_leaves_the_baseline_alone() -> None:
+    """train.py skips a step whose loss is not finite; the REINFORCE baseline must not move either."""
+    decoder = tiny_decoder("hard").train()
+    captions, lengths = random_captions(2, 2, 6, torch.Generator().manual_seed(7))
+    decoder(torch.randn(2, 9, 512), captions, lengths)
+    decoder.auxiliary_loss(torch.full((4,), -3.0))
+    before = decoder.baseline.clone()
+    assert not torch.isfinite(decoder.auxiliary_loss(torch.tensor([-1.0, float("nan"), -2.0, -3.0])))
+    assert torch.equal(decoder.baseline, before) and int(decoder.baseline_updates) == 1
