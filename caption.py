@@ -60,8 +60,13 @@ def attention_figure_size(n_words: int) -> tuple[int, int]:
     return round(PANELS_PER_ROW * PANEL_INCHES * PANEL_DPI), round(rows * PANEL_INCHES * PANEL_DPI)
 
 
-def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, path: Path) -> None:
-    """The image, then for each word the image under its attention map smoothly upsampled to full size."""
+def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, path: Path,
+                   sentinel: torch.Tensor | None = None) -> None:
+    """The image, then for each word the image under its attention map smoothly upsampled to full size.
+
+    With a sentinel (adaptive attention), each word's panel also shows beta, the weight on the visual sentinel:
+    a bar along its bottom edge, full when the word came from the language model alone, empty when from the image.
+    """
     side = image.size[0]
     grid = int(round(math.sqrt(alphas.size(1))))
     maps = F.interpolate(alphas.view(-1, 1, grid, grid).float(), size=(side, side), mode="bicubic",
@@ -69,17 +74,31 @@ def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, p
     width, height = attention_figure_size(len(words))
     fig = plt.figure(figsize=(width / PANEL_DPI, height / PANEL_DPI), dpi=PANEL_DPI)
     rows = math.ceil((len(words) + 1) / PANELS_PER_ROW)
-    for i, (title, heat) in enumerate([("", None)] + list(zip(words, maps))):
+    betas = [None] + (sentinel.tolist() if sentinel is not None else [None] * len(words))
+    for i, (title, heat, beta) in enumerate(zip([""] + words, [None, *maps], betas)):
         ax = fig.add_subplot(rows, PANELS_PER_ROW, i + 1)
         ax.imshow(image)
         if heat is not None:
             ax.imshow(heat, alpha=0.6, cmap="Greys_r")
+        if beta is not None:
+            _beta_bar(ax, beta)
+            title = f"{title} (β {beta:.2f})"
         ax.set_title(title, fontsize=11)
         ax.axis("off")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.05, hspace=0.15)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=PANEL_DPI)
     plt.close(fig)
+
+
+def _beta_bar(ax: plt.Axes, beta: float) -> None:
+    """A bar inside the bottom of a word's panel, filled to beta."""
+    bar = ax.inset_axes((0.04, 0.03, 0.92, 0.08))
+    bar.barh([0], [beta], height=1.0, color="tab:orange")
+    bar.set_xlim(0, 1)
+    bar.set_facecolor((1, 1, 1, 0.7))
+    bar.set_xticks([])
+    bar.set_yticks([])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,16 +132,20 @@ def main(argv: list[str] | None = None) -> None:
     captions = caption_images(model.to(device), images, word_map, args.beam_size, args.max_len, device)
     sentences = texts(captions, word_map)
     out = Path(args.out)
+    plot = not args.no_plot and model.decoder.attends
+    if not args.no_plot and not plot:
+        print(f"note: decoder '{model.config.decoder}' has no attention: no attention plots")
     for path, image, caption, sentence in zip(paths, images, captions, sentences):
         print(sentence if len(paths) == 1 else f"{path.name}: {sentence}")
-        if not args.no_plot:
-            plot_attention(image, sentence.split(), caption.alphas, out / f"{path.stem}_attention.png")
+        if plot:
+            plot_attention(image, sentence.split(), caption.alphas, out / f"{path.stem}_attention.png",
+                           caption.sentinel)
     if Path(args.img).is_dir():
         with atomic_path(out / "captions.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image", "caption"])
             writer.writerows((p.name, s) for p, s in zip(paths, sentences))
-    if not args.no_plot or Path(args.img).is_dir():
+    if plot or Path(args.img).is_dir():
         print(f"wrote {out}/")
 
 

@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "tutorial reported it (default: coco)")
     p.add_argument("--grounding", action="store_true",
                    help="shapes data only: score how much attention falls inside the box of the object each "
-                        "colour/shape word names, and how often the most-attended cell does (default: off)")
+                        "colour/shape word names, and how often the most-attended cell does; n/a for the decoders "
+                        "without attention, lstm and rnn (default: off)")
     p.add_argument("--max-len", type=positive_int, default=50, help="longest caption in words (default: 50)")
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="rank finished beams by score / length**this; 0 ranks by total log-probability "
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     results = caption_split(model, dataset, word_map, args.beam_sizes, args.max_len, args.batch_size, device,
                             args.length_penalty, args.workers, amp=args.amp)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
-    boxes = load_boxes(args.data_folder, args.data_name, dataset) if args.grounding else None
+    grounding = args.grounding and model.decoder.attends  # lstm and rnn look at no pixel
+    boxes = load_boxes(args.data_folder, args.data_name, dataset) if grounding else None
     scores, notes = {}, {}
     for k, captions in results.items():
         hypotheses = texts(captions, word_map)
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                   [c.alphas for c in captions], boxes))
         write_json(out / f"captions_beam{k}.json",
                    [{"image_id": i, "caption": h} for i, h in zip(dataset.files.image_ids, hypotheses)])
+    if args.grounding and not grounding:
+        notes["grounding"] = f"attention grounding: n/a, decoder '{model.config.decoder}' has no attention"
     write_json(out / "scores.json", {**scores, "unavailable": notes})
     print(format_table(scores))
     for reason in notes.values():

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -39,6 +40,8 @@ class ModelConfig:
     decoder_dim: int = 512
     dropout: float = 0.5
     attention_activation: str = "relu"
+    hard_estimator: str = "reinforce"  # decoder "hard": how the sampled location is trained (reinforce, gumbel)
+    hard_test: str = "expectation"  # decoder "hard": the context at test time (expectation, argmax)
 
     @property
     def encoder_dim(self) -> int:
@@ -159,6 +162,10 @@ class Attention(nn.Module):
         """encoder_out (B, P, C) -> (B, P, A); done once per image, not at every step."""
         return self.encoder_att(encoder_out)
 
+    def score(self, summed: torch.Tensor) -> torch.Tensor:
+        """(..., A), the sum of an encoder and a decoder projection -> unnormalised scores (...)."""
+        return self.full_att(self.activation(summed)).squeeze(-1)
+
     def forward(self, encoder_out: torch.Tensor, projected: torch.Tensor,
                 h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encoder_out (B, P, C), projected (B, P, A), h (B*K, D) for K rows (captions or beams) per image,
@@ -170,7 +177,7 @@ class Attention(nn.Module):
         B, P, C = encoder_out.shape
         h_att = self.decoder_att(h).view(B, -1, 1, projected.size(2))  # (B, K, 1, A)
         if torch.is_grad_enabled() or projected.device.type != "cpu":
-            scores = self.full_att(self.activation(projected.unsqueeze(1) + h_att)).squeeze(3)  # (B, K, P)
+            scores = self.score(projected.unsqueeze(1) + h_att)  # (B, K, P)
         else:
             scores = self._scores_in_chunks(projected, h_att)
         alpha = torch.softmax(scores, dim=2)
@@ -199,8 +206,83 @@ Memory = dict[str, torch.Tensor]  # per-image tensors a decoder reads at every s
 State = dict[str, torch.Tensor]  # per-row recurrent tensors (K rows per image); reordered as beams are chosen
 
 
-class DecoderWithAttention(nn.Module):
+class Decoder(nn.Module):
+    """What every decoder shares: the step API beam search drives, and the teacher-forcing loop.
+
+    A subclass defines memory(), init_state() and _step(embedded, state, memory) -> (logits, alpha, state),
+    owns `embedding` and `fc`, and says what its alpha holds. alpha is (rows, alpha_size(P)) at every step: the
+    weights over the P pixels, then the sentinel's weight if it has one; (rows, 0) when it does not attend.
+    """
+
+    attends = True  # alpha holds weights over the pixels
+    sentinel = False  # alpha ends with the weight on a visual sentinel (adaptive attention)
+    doubly_stochastic = False  # the paper's penalty on alpha applies (attention over pixels that sums to 1)
+    traced: tuple[str, ...] = ()  # state entries kept for every training step in self.traces (hard attention)
+
+    embedding: nn.Embedding
+    fc: nn.Linear
+
+    def alpha_size(self, num_pixels: int) -> int:
+        return num_pixels + self.sentinel if self.attends else 0
+
+    def memory(self, encoder_out: torch.Tensor) -> Memory:
+        raise NotImplementedError
+
+    def init_state(self, memory: Memory, rows_per_image: int) -> State:
+        raise NotImplementedError
+
+    def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        raise NotImplementedError
+
+    def step(self, words: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """One word for every row: words (B*K,) -> logits (B*K, V), alpha (B*K, alpha_size(P)), the next state."""
+        return self._step(self.embedding(words), state, memory)
+
+    def forward(self, encoder_out: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing. encoder_out (B, P, C), captions (B, K, L), lengths (B, K) counting <start> and <end>.
+
+        Returns logits (B*K, T, V) and alphas (B*K, T, alpha_size(P)) for T = max(lengths) - 1, in the captions'
+        order; positions past a caption's end are zero.
+        """
+        B, K, _ = captions.shape
+        decode_lengths = lengths - 1  # (B, K)
+        # Images sorted by their longest caption: step t runs only on the images that still have a caption
+        # being decoded. (index_select, not v[idx]: its backward is deterministic on CPU, which exact resume
+        # relies on.)
+        longest, order = decode_lengths.max(dim=1).values.sort(descending=True, stable=True)
+        memory = {k: v.index_select(0, order) for k, v in self.memory(encoder_out).items()}
+        rows = (order.unsqueeze(1) * K + torch.arange(K, device=order.device)).flatten()  # caption rows, sorted
+        embedded = self.embedding(captions.flatten(0, 1).index_select(0, rows))  # (B*K, L, E)
+        state = self.init_state(memory, K)
+        T = int(longest[0])
+        logits = embedded.new_zeros(B * K, T, self.fc.out_features)
+        alphas = embedded.new_zeros(B * K, T, self.alpha_size(encoder_out.size(1)))
+        traces = {name: embedded.new_zeros(B * K, T) for name in self.traced} if self.training else {}
+        for t in range(T):
+            b = int((longest > t).sum())
+            state = {k: v[:b * K] for k, v in state.items()}
+            step_logits, alpha, state = self._step(embedded[:b * K, t], state, {k: v[:b] for k, v in memory.items()})
+            logits[:b * K, t] = step_logits
+            alphas[:b * K, t] = alpha
+            for name, trace in traces.items():
+                trace[:b * K, t] = state[name]
+        # Captions shorter than their image's longest were decoded past their end: zero those positions.
+        valid = torch.arange(T, device=rows.device) < decode_lengths.flatten().index_select(0, rows).unsqueeze(1)
+        inverse = rows.argsort()
+        self.traces = {name: (trace * valid).index_select(0, inverse) for name, trace in traces.items()}  # (B*K, T)
+        return ((logits * valid.unsqueeze(2)).index_select(0, inverse),
+                (alphas * valid.unsqueeze(2)).index_select(0, inverse))
+
+    def auxiliary_loss(self, log_likelihood: torch.Tensor) -> torch.Tensor | float:
+        """A training loss beyond cross-entropy, given log p(caption) (B*K,) of the last forward; none here."""
+        return 0.0
+
+
+class DecoderWithAttention(Decoder):
     """The paper's LSTM decoder with soft attention and the gating scalar beta (section 4.2.1)."""
+
+    doubly_stochastic = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -226,50 +308,186 @@ class DecoderWithAttention(nn.Module):
         h, c = self.init_h(mean), self.init_c(mean)  # (B, D)
         return {"h": h.repeat_interleave(rows_per_image, dim=0), "c": c.repeat_interleave(rows_per_image, dim=0)}
 
-    def step(self, words: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """One word for every row: words (B*K,) -> logits (B*K, V), alpha (B*K, P), the next state."""
-        return self._step(self.embedding(words), state, memory)
-
     def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
         context, alpha = self.attention(memory["features"], memory["projected"], state["h"])
+        return self._decode(embedded, context, alpha, state)
+
+    def _decode(self, embedded: torch.Tensor, context: torch.Tensor, alpha: torch.Tensor,
+                state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """The LSTM step and the output layer, given this step's context (B*K, C)."""
         gate = torch.sigmoid(self.f_beta(state["h"]))  # (B*K, C)
         h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (state["h"], state["c"]))
         return self.fc(self.dropout(h)), alpha, {"h": h, "c": c}
 
-    def forward(self, encoder_out: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing. encoder_out (B, P, C), captions (B, K, L), lengths (B, K) counting <start> and <end>.
 
-        Returns logits (B*K, T, V) and alphas (B*K, T, P) for T = max(lengths) - 1, in the captions' order;
-        positions past a caption's end are zero.
-        """
-        B, K, _ = captions.shape
-        decode_lengths = lengths - 1  # (B, K)
-        # Images sorted by their longest caption: step t runs only on the images that still have a caption
-        # being decoded. (index_select, not v[idx]: its backward is deterministic on CPU, which exact resume
-        # relies on.)
-        longest, order = decode_lengths.max(dim=1).values.sort(descending=True, stable=True)
-        memory = {k: v.index_select(0, order) for k, v in self.memory(encoder_out).items()}
-        rows = (order.unsqueeze(1) * K + torch.arange(K, device=order.device)).flatten()  # caption rows, sorted
-        embedded = self.embedding(captions.flatten(0, 1).index_select(0, rows))  # (B*K, L, E)
-        state = self.init_state(memory, K)
-        T = int(longest[0])
-        logits = embedded.new_zeros(B * K, T, self.fc.out_features)
-        alphas = embedded.new_zeros(B * K, T, memory["features"].size(1))
-        for t in range(T):
-            b = int((longest > t).sum())
-            state = {k: v[:b * K] for k, v in state.items()}
-            step_logits, alpha, state = self._step(embedded[:b * K, t], state, {k: v[:b] for k, v in memory.items()})
-            logits[:b * K, t] = step_logits
-            alphas[:b * K, t] = alpha
-        # Captions shorter than their image's longest were decoded past their end: zero those positions.
-        valid = torch.arange(T, device=rows.device) < decode_lengths.flatten().index_select(0, rows).unsqueeze(1)
-        inverse = rows.argsort()
-        return ((logits * valid.unsqueeze(2)).index_select(0, inverse),
-                (alphas * valid.unsqueeze(2)).index_select(0, inverse))
+class HardAttentionDecoder(DecoderWithAttention):
+    """Stochastic hard attention (section 4.1): the context is one sampled location's annotation vector.
+
+    Training samples s_t ~ Multinoulli(alpha_t) and either learns alpha by REINFORCE, the gradient of
+    lambda_r (log p(y|s) - b) log p(s) + lambda_e H[alpha] with a moving-average baseline b (eq. 12), or
+    passes the gradient straight through a Gumbel-softmax sample. At test time the context is the
+    expectation over locations (as soft attention) or the most likely location.
+    """
+
+    baseline_decay = 0.9  # b <- 0.9 b + 0.1 log p(y|s), as in the paper
+    lambda_r = 1.0  # weight of the REINFORCE term
+    lambda_e = 0.01  # weight of the entropy bonus, which keeps exploring locations
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        if cfg.hard_estimator not in ("reinforce", "gumbel") or cfg.hard_test not in ("expectation", "argmax"):
+            raise SatError(f"hard attention: estimator '{cfg.hard_estimator}' (reinforce or gumbel), test-time "
+                           f"context '{cfg.hard_test}' (expectation or argmax)")
+        self.estimator, self.test_context = cfg.hard_estimator, cfg.hard_test
+        self.traced = ("log_p_s", "entropy") if self.estimator == "reinforce" else ()
+        # Buffers, so that checkpoints carry the baseline and a resumed run continues exactly.
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
+
+    def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        features = memory["features"]
+        expected, alpha = self.attention(features, memory["projected"], state["h"])  # (B*K, C), (B*K, P)
+        if not self.training:
+            if self.test_context == "expectation":
+                return self._decode(embedded, expected, alpha, state)
+            return self._decode(embedded, self._pick(features, alpha.argmax(dim=1)), alpha, state)
+        if self.estimator == "gumbel":
+            # Straight-through: a one-hot sample forward, the gradient of its relaxation backward.
+            sample = F.gumbel_softmax(torch.log(alpha + 1e-12), tau=1.0, hard=True)  # (B*K, P)
+            B, P, C = features.shape
+            context = torch.bmm(sample.view(B, -1, P), features).view(-1, C)  # (B*K, C)
+            return self._decode(embedded, context, alpha, state)
+        s = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B*K,)
+        logits, alpha, state = self._decode(embedded, self._pick(features, s), alpha, state)
+        log_alpha = torch.log(alpha + 1e-12)
+        state["log_p_s"] = log_alpha.gather(1, s.unsqueeze(1)).squeeze(1)  # (B*K,)
+        state["entropy"] = -(alpha * log_alpha).sum(dim=1)
+        return logits, alpha, state
+
+    @staticmethod
+    def _pick(features: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The annotation vector at location s (B*K,) of each row's image: features (B, P, C) -> (B*K, C)."""
+        image = torch.arange(len(s), device=s.device) // (len(s) // features.size(0))
+        return features[image, s]
+
+    def auxiliary_loss(self, log_likelihood: torch.Tensor) -> torch.Tensor | float:
+        """REINFORCE with log p(y|s) (B*K,) as the reward; 0 for the Gumbel estimator and outside training."""
+        if not self.training or self.estimator != "reinforce":
+            return 0.0
+        reward = log_likelihood.detach()
+        mean = reward.mean()
+        b = self.baseline.clone() if int(self.baseline_updates) else mean
+        if bool(torch.isfinite(mean)):  # a non-finite step is skipped by train.py and must leave b as it was
+            with torch.no_grad():
+                self.baseline.copy_(self.baseline_decay * b + (1 - self.baseline_decay) * mean)
+                self.baseline_updates += 1
+        log_p_s, entropy = self.traces["log_p_s"].sum(dim=1), self.traces["entropy"].sum(dim=1)  # (B*K,)
+        return -(self.lambda_r * (reward - b) * log_p_s + self.lambda_e * entropy).mean()
 
 
-DECODERS: dict[str, type[nn.Module]] = {"soft": DecoderWithAttention}
+class AdaptiveAttentionDecoder(Decoder):
+    """Knowing When to Look (Lu et al. 2017): attention over the k pixels plus a visual sentinel s_t.
+
+    x_t = [w_t; v^g] drives the LSTM; the sentinel gate g_t = sigmoid(W_x x_t + W_h h_{t-1}) gives
+    s_t = g_t * tanh(m_t). Spatial attention uses h_t, after the LSTM step; alpha-hat is the softmax over the
+    k pixel scores and the sentinel's score, beta_t its last entry, and c-hat_t = beta_t s_t + (1 - beta_t) c_t.
+    Words come from W_p(c-hat_t + h_t). No doubly stochastic penalty, as in the paper.
+    """
+
+    sentinel = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
+        self.image_att = nn.Linear(C, D)  # v_i = ReLU(W_a a_i): annotation vectors in the LSTM's space
+        self.image_global = nn.Linear(C, D)  # v^g = ReLU(W_b a^g) from the mean annotation vector
+        self.attention = Attention(D, D, cfg.attention_dim, cfg.attention_activation)
+        self.sentinel_att = nn.Linear(D, cfg.attention_dim)  # W_s
+        self.embedding = nn.Embedding(cfg.vocab_size, E)
+        self.lstm = nn.LSTMCell(E + D, D)
+        self.x_gate = nn.Linear(E + D, D)  # W_x and W_h of the sentinel gate
+        self.h_gate = nn.Linear(D, D, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(D, cfg.vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def memory(self, encoder_out: torch.Tensor) -> Memory:
+        v = torch.relu(self.image_att(encoder_out))  # (B, P, D)
+        return {"features": v, "projected": self.attention.project(v),
+                "global": torch.relu(self.image_global(encoder_out.mean(dim=1)))}  # (B, D)
+
+    def init_state(self, memory: Memory, rows_per_image: int) -> State:
+        """h_0 = m_0 = 0: the image enters through v^g at every step."""
+        zeros = memory["global"].new_zeros(len(memory["global"]) * rows_per_image, self.lstm.hidden_size)
+        return {"h": zeros, "c": zeros}
+
+    def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        v, B = memory["features"], len(memory["features"])
+        x = torch.cat([embedded, memory["global"].repeat_interleave(len(embedded) // B, dim=0)], dim=1)  # (B*K, E+D)
+        h, m = self.lstm(x, (state["h"], state["c"]))
+        s = torch.sigmoid(self.x_gate(x) + self.h_gate(state["h"])) * torch.tanh(m)  # the sentinel (B*K, D)
+        h_att = self.attention.decoder_att(h)  # (B*K, A)
+        z = self.attention.score(memory["projected"].unsqueeze(1) + h_att.view(B, -1, 1, h_att.size(1)))  # (B, K, P)
+        z_s = self.attention.score(self.sentinel_att(s) + h_att)  # (B*K,)
+        alpha = torch.softmax(torch.cat([z.view(len(h), -1), z_s.unsqueeze(1)], dim=1), dim=1)  # (B*K, P+1)
+        P = v.size(1)
+        context = torch.bmm(alpha[:, :P].view(B, -1, P), v).view(len(h), -1)  # (1 - beta) c_t, (B*K, D)
+        c_hat = context + alpha[:, P:] * s
+        return self.fc(self.dropout(c_hat + h)), alpha, {"h": h, "c": m}
+
+
+class ShowAndTell(Decoder):
+    """Show and Tell (Vinyals et al. 2015): the image is the LSTM's first input, then only words; no attention."""
+
+    attends = False
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
+        self.image_embedding = nn.Linear(C, E)  # the mean annotation vector as the input at t = -1
+        self.embedding = nn.Embedding(cfg.vocab_size, E)
+        self.cell = self._cell(E, D)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(D, cfg.vocab_size)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    @staticmethod
+    def _cell(input_size: int, hidden_size: int) -> nn.Module:
+        return nn.LSTMCell(input_size, hidden_size)
+
+    def _recur(self, x: torch.Tensor, state: State | None) -> State:
+        h, c = self.cell(x, None if state is None else (state["h"], state["c"]))
+        return {"h": h, "c": c}
+
+    def memory(self, encoder_out: torch.Tensor) -> Memory:
+        return {"image": self.image_embedding(encoder_out.mean(dim=1))}  # (B, E)
+
+    def init_state(self, memory: Memory, rows_per_image: int) -> State:
+        """The state after reading the image once, from zeros; the same for each of an image's rows."""
+        return {k: v.repeat_interleave(rows_per_image, dim=0) for k, v in self._recur(memory["image"], None).items()}
+
+    def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
+        state = self._recur(embedded, state)
+        return self.fc(self.dropout(state["h"])), embedded.new_empty(len(embedded), 0), state
+
+
+class VanillaRNN(ShowAndTell):
+    """The Show and Tell baseline with a plain tanh RNN in place of the LSTM."""
+
+    @staticmethod
+    def _cell(input_size: int, hidden_size: int) -> nn.Module:
+        return nn.RNNCell(input_size, hidden_size, nonlinearity="tanh")
+
+    def _recur(self, x: torch.Tensor, state: State | None) -> State:
+        return {"h": self.cell(x, None if state is None else state["h"])}
+
+
+DECODERS: dict[str, type[Decoder]] = {"soft": DecoderWithAttention, "hard": HardAttentionDecoder,
+                                      "adaptive": AdaptiveAttentionDecoder, "lstm": ShowAndTell, "rnn": VanillaRNN}
 
 
 # ------------------------------------------------------------------------------------------------ whole model
@@ -304,12 +522,13 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple
 class Caption:
     tokens: list[int]  # word indices, without <start> and <end>
     score: float  # sum of log-probabilities, <end> included when finished
-    alphas: torch.Tensor  # (len(tokens), P): where the model looked for each word
+    alphas: torch.Tensor  # (len(tokens), P): where the model looked for each word; (len(tokens), 0) without attention
     finished: bool  # False when no beam emitted <end> within max_len
+    sentinel: torch.Tensor | None = None  # (len(tokens),): beta, the weight on the visual sentinel (adaptive only)
 
 
 @torch.no_grad()
-def beam_search(decoder: nn.Module, encoder_out: torch.Tensor, word_map: dict[str, int], beam_size: int = 3,
+def beam_search(decoder: Decoder, encoder_out: torch.Tensor, word_map: dict[str, int], beam_size: int = 3,
                 max_len: int = 50, length_penalty: float = 0.0) -> list[Caption]:
     """Beam search for a batch of images at once: all B*K beams advance in one tensor.
 
@@ -332,7 +551,7 @@ def beam_search(decoder: nn.Module, encoder_out: torch.Tensor, word_map: dict[st
         "finished": torch.zeros(B * K, dtype=torch.bool, device=device),
         "length": torch.zeros(B * K, dtype=torch.long, device=device),  # words, plus <end> once finished
         "seq": torch.empty(B * K, 0, dtype=torch.long, device=device),
-        "alphas": torch.empty(B * K, 0, P, device=device),
+        "alphas": torch.empty(B * K, 0, decoder.alpha_size(P), device=device),
     }
     images = torch.arange(B, device=device)  # which input image each block of K rows belongs to
     results: list[Caption | None] = [None] * B
@@ -361,7 +580,7 @@ def beam_search(decoder: nn.Module, encoder_out: torch.Tensor, word_map: dict[st
         done = beams["finished"].view(b, K).all(dim=1) | (t == max_len)
         for i in done.nonzero().flatten().tolist():
             results[int(images[i])] = _best_beam({k: v[i * K:(i + 1) * K] for k, v in beams.items()},
-                                                 length_penalty, max_len)
+                                                 length_penalty, max_len, decoder.sentinel)
         if bool(done.all()):
             break
         if bool(done.any()):  # drop finished images so that the next steps run only on the rest
@@ -372,16 +591,21 @@ def beam_search(decoder: nn.Module, encoder_out: torch.Tensor, word_map: dict[st
     return results  # type: ignore[return-value]
 
 
-def _best_beam(beams: dict[str, torch.Tensor], length_penalty: float, max_len: int) -> Caption:
-    """The caption of one image from its K beams."""
+def _best_beam(beams: dict[str, torch.Tensor], length_penalty: float, max_len: int, sentinel: bool) -> Caption:
+    """The caption of one image from its K beams; a sentinel's weight is split off the pixels' weights."""
     ranked = beams["score"] / beams["length"].clamp(min=1).float() ** length_penalty
     if bool(beams["finished"].any()):
         ranked = ranked.masked_fill(~beams["finished"], float("-inf"))
     k = int(ranked.argmax())
     done = bool(beams["finished"][k])
     n_words = int(beams["length"][k]) - 1 if done else max_len  # the <end> token is not a word
-    return Caption(beams["seq"][k, :n_words].tolist(), float(beams["score"][k]), beams["alphas"][k, :n_words].cpu(),
-                   done)
+    alphas = beams["alphas"][k, :n_words].cpu()
+    if not sentinel:
+        return Caption(beams["seq"][k, :n_words].tolist(), float(beams["score"][k]), alphas, done)
+    # alpha-hat = [(1 - beta) alpha; beta]: alpha, where the model looked when it looked, sums to 1 again.
+    spatial = alphas[:, :-1]
+    return Caption(beams["seq"][k, :n_words].tolist(), float(beams["score"][k]),
+                   spatial / spatial.sum(dim=1, keepdim=True).clamp(min=1e-12), done, alphas[:, -1])
 
 
 def decode_tokens(tokens: list[int], rev_word_map: dict[int, str]) -> str:

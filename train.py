@@ -31,7 +31,7 @@ import scst
 from datasets import ImageCaptionsDataset, word_map_file
 from eval import autocast_dtype, caption_split, check_word_map, texts
 from features import cached_features
-from models import CaptionModel, ModelConfig, beam_search, model_from_checkpoint
+from models import DECODERS, CaptionModel, ModelConfig, beam_search, model_from_checkpoint
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
     non_negative_int, positive_float, positive_int, probability, read_json, resolve_device, run_cli, save_checkpoint
 
@@ -135,6 +135,13 @@ def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tenso
     attention = ((1.0 - alphas.sum(dim=1)) ** 2).mean()
     top5 = (logits[mask].topk(5, dim=1).indices == targets[mask].unsqueeze(1)).any(dim=1).float().sum()
     return xe, attention, top5
+
+
+def caption_log_likelihood(logits: torch.Tensor, captions: torch.Tensor, pad: int) -> torch.Tensor:
+    """log p(caption | image) of each caption (N,), summed over its real tokens; hard attention's reward."""
+    targets = captions.flatten(0, 1)[:, 1:logits.size(1) + 1]  # (N, T)
+    nll = F.cross_entropy(logits.detach().float().transpose(1, 2), targets, ignore_index=pad, reduction="none")
+    return -nll.sum(dim=1)
 
 
 class Trainer:
@@ -318,13 +325,20 @@ class Trainer:
 
     def xe_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[list[tuple[torch.Tensor, int]], dict[str, float]]:
-        """Cross-entropy (a mean over tokens) plus the doubly stochastic penalty (a mean over captions), each with
-        the count it averages over, and this batch's sums for Progress."""
+        """Cross-entropy (a mean over tokens), the doubly stochastic penalty where attention over pixels sums to 1
+        and hard attention's REINFORCE term (each a mean over captions), each with the count it averages over,
+        and this batch's sums for Progress."""
+        decoder = self.model.decoder  # its flags and auxiliary loss; its forward runs through self.decoder (DDP)
         logits, alphas = self.decoder(encoder_out, captions, lengths)
         xe, attention, top5 = loss_terms(logits, alphas, captions, self.pad)
-        n = int((lengths - 1).sum())
-        return ([(xe, n), (self.tc.alpha_c * attention, logits.size(0))],
-                {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5), "tokens": n})
+        n, rows = int((lengths - 1).sum()), logits.size(0)
+        terms = [(xe, n)]
+        if decoder.doubly_stochastic:
+            terms.append((self.tc.alpha_c * attention, rows))
+        auxiliary = decoder.auxiliary_loss(caption_log_likelihood(logits, captions, self.pad))
+        if isinstance(auxiliary, torch.Tensor):
+            terms.append((auxiliary, rows))
+        return terms, {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5), "tokens": n}
 
     def scst_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor,
                   lengths: torch.Tensor) -> tuple[list[tuple[torch.Tensor, int]], dict[str, float]]:
@@ -471,7 +485,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             "package), 'none' (random), or a path to a state_dict file (default: default)")
     model.add_argument("--encoded-size", type=positive_int, default=m.encoded_size,
                        help=f"the feature grid is pooled to S x S (default: {m.encoded_size})")
-    model.add_argument("--decoder", default=m.decoder, help=f"decoder by name (default: {m.decoder})")
+    model.add_argument("--decoder", default=m.decoder, choices=list(DECODERS),
+                       help="soft or hard attention (Show, Attend and Tell), adaptive attention with a visual "
+                            "sentinel (Knowing When to Look), or no attention: lstm (Show and Tell) or rnn "
+                            f"(default: {m.decoder})")
+    model.add_argument("--hard-estimator", default=m.hard_estimator, choices=["reinforce", "gumbel"],
+                       help="--decoder hard: train the sampled attention by REINFORCE with a moving-average "
+                            "baseline and entropy bonus, or by straight-through Gumbel-softmax "
+                            f"(default: {m.hard_estimator})")
+    model.add_argument("--hard-test", default=m.hard_test, choices=["expectation", "argmax"],
+                       help="--decoder hard: the context when decoding, the expectation over locations or the "
+                            f"most likely location (default: {m.hard_test})")
     model.add_argument("--embed-dim", type=positive_int, default=m.embed_dim,
                        help=f"word embedding size (default: {m.embed_dim})")
     model.add_argument("--attention-dim", type=positive_int, default=m.attention_dim,
@@ -586,7 +610,8 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         mc = ModelConfig(vocab_size=len(word_map), encoder=args.encoder, encoded_size=args.encoded_size,
                          decoder=args.decoder, embed_dim=args.embed_dim, attention_dim=args.attention_dim,
                          decoder_dim=args.decoder_dim, dropout=args.dropout,
-                         attention_activation=args.attention_activation)
+                         attention_activation=args.attention_activation, hard_estimator=args.hard_estimator,
+                         hard_test=args.hard_test)
         model = CaptionModel(mc, tc.encoder_weights)
     trainer = Trainer(tc, model.to(device), word_map, device)
     if checkpoint is not None and tc.scst and not checkpoint["train_config"].get("scst", False):
