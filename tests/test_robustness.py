@@ -139,6 +139,21 @@ def test_non_finite_stop_names_the_checkpoint_it_resumed_from_and_stale_temp_fil
     assert not any(path.exists() for path in stale)
 
 
+def wait_for_child(parent: int, name: str, timeout: float = 60) -> int:
+    """The process id of `parent`'s child called `name`, once it runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                comm, fields = stat.read_text().rsplit(")", 1)
+            except OSError:  # a process that has just ended
+                continue
+            if comm.split("(", 1)[1] == name and int(fields.split()[1]) == parent:
+                return int(stat.parent.name)
+        time.sleep(0.01)
+    raise AssertionError(f"no {name} child of process {parent} within {timeout} s")
+
+
 TOKENIZE_UNDER_CTRL_C = """
 import signal, sys
 sys.path.insert(0, ".")
@@ -156,8 +171,8 @@ def test_ctrl_c_to_the_process_group_does_not_kill_the_java_tokenizer() -> None:
     child = subprocess.Popen([sys.executable, "-c", TOKENIZE_UNDER_CTRL_C], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "tokenizing"
-    time.sleep(0.5)  # the JVM is starting or tokenizing now
-    os.killpg(child.pid, signal.SIGINT)
+    wait_for_child(child.pid, "java")
+    os.killpg(child.pid, signal.SIGINT)  # while the tokenizer runs
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0, err[-2000:]
     assert out.strip() == "4000"
