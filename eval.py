@@ -22,9 +22,9 @@ from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, load
     positive_int, read_json, resolve_device, run_cli, write_json
 
 
-def encode(model: CaptionModel, inputs: torch.Tensor, from_features: bool) -> torch.Tensor:
+def encode(encoder: torch.nn.Module, inputs: torch.Tensor, from_features: bool) -> torch.Tensor:
     """Encoder output (B, P, C) from images, or straight from cached fp16 features."""
-    return inputs.float() if from_features else model.encoder(inputs)
+    return inputs.float() if from_features else encoder(inputs)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -50,7 +50,7 @@ def caption_split(model: CaptionModel, dataset: ImageCaptionsDataset, word_map: 
     results: dict[int, list[Caption]] = {k: [] for k in beam_sizes}
     for inputs, *_ in tqdm(loader, desc="decoding", unit="batch", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            encoder_out = encode(model, inputs.to(device, non_blocking=True), dataset.features is not None)
+            encoder_out = encode(model.encoder, inputs.to(device, non_blocking=True), dataset.features is not None)
             for k in beam_sizes:
                 results[k].extend(beam_search(model.decoder, encoder_out, word_map, k, max_len, length_penalty))
     return results

@@ -29,7 +29,7 @@ import distributed
 import metrics
 import scst
 from datasets import ImageCaptionsDataset, word_map_file
-from eval import autocast_dtype, caption_split, check_word_map, texts
+from eval import autocast_dtype, caption_split, check_word_map, encode, texts
 from features import cached_features
 from models import DECODERS, CaptionModel, ModelConfig, beam_search, model_from_checkpoint
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, export_safetensors, load_checkpoint, \
@@ -294,7 +294,7 @@ class Trainer:
         captions, lengths = captions.to(self.device), lengths.to(self.device)
         amp = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            encoder_out = inputs.float() if self.train_set.features is not None else self.encoder(inputs)
+            encoder_out = encode(self.encoder, inputs, self.train_set.features is not None)
             terms, sums = (self.scst_loss if tc.scst else self.xe_loss)(encoder_out, captions, lengths)
             loss = sum(term for term, _ in terms)
         self.optimizer.zero_grad(set_to_none=True)
