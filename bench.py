@@ -20,10 +20,11 @@ The encoder weights are torchvision's random init with zero_init_residual=True, 
 passed as --encoder-weights PATH: with the plain random init (--encoder-weights none) ResNet-101's activations
 grow block after block until about 7% of the fp16 cache is inf, and every cached training step would be
 skipped as non-finite. A timed training step with a non-finite loss stops the benchmark for the same reason.
-Training steps include reading their batch from the HDF5 files, as train.py does (--workers 0). The untrained
-decoder seldom emits <end>, so decoding is capped at the steps the longest test caption needs (its <end>
-included): about what a trained model's batch costs, since a batch runs until its last beam ends. The mean
-decoded caption length is printed under the table. On a GPU, pass more --steps (e.g. 100): steps are short.
+Training steps include reading their batch from the HDF5 files, as train.py does (--workers 0). Decoding is
+capped at the steps the longest test caption needs (its <end> included). By default the decoder is untrained
+and seldom emits <end>, a worst case; --decoder-epochs N first trains it on the cached features (untimed) so
+that its captions end as a trained model's do. The mean decoded caption length and the share of captions that
+ended are printed under the table. On a GPU, pass more --steps (e.g. 100): steps are short.
 The reference numbers are the tutorial's, measured on 2 CPU cores without a GPU (2,000 train images,
 batch 32 captions, one image at a time in eval). The data folder under --out is reused while its settings match.
 """
