@@ -176,14 +176,15 @@ class Attention(nn.Module):
         """
         B, P, C = encoder_out.shape
         h_att = self.decoder_att(h).view(B, -1, 1, projected.size(2))  # (B, K, 1, A)
-        if torch.is_grad_enabled() or projected.device.type != "cpu":
-            scores = self.score(projected.unsqueeze(1) + h_att)  # (B, K, P)
-        else:
-            scores = self._scores_in_chunks(projected, h_att)
-        alpha = torch.softmax(scores, dim=2)
+        alpha = torch.softmax(self.pixel_scores(projected, h_att), dim=2)  # (B, K, P)
         context = torch.bmm(alpha, encoder_out)  # (B, K, C)
         return context.view(-1, C), alpha.view(-1, P)
 
+    def pixel_scores(self, projected: torch.Tensor, h_att: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores of every pixel for each of an image's K rows: (B, P, A), (B, K, 1, A) -> (B, K, P)."""
+        if torch.is_grad_enabled() or projected.device.type != "cpu":
+            return self.score(projected.unsqueeze(1) + h_att)
+        return self._scores_in_chunks(projected, h_att)
 
     def _scores_in_chunks(self, projected: torch.Tensor, h_att: torch.Tensor) -> torch.Tensor:
         """The same scores, a few images at a time: (B, P, A), (B, K, 1, A) -> (B, K, P).
@@ -429,7 +430,7 @@ class AdaptiveAttentionDecoder(Decoder):
         h, m = self.lstm(x, (state["h"], state["c"]))
         s = torch.sigmoid(self.x_gate(x) + self.h_gate(state["h"])) * torch.tanh(m)  # the sentinel (B*K, D)
         h_att = self.attention.decoder_att(h)  # (B*K, A)
-        z = self.attention.score(memory["projected"].unsqueeze(1) + h_att.view(B, -1, 1, h_att.size(1)))  # (B, K, P)
+        z = self.attention.pixel_scores(memory["projected"], h_att.view(B, -1, 1, h_att.size(1)))  # (B, K, P)
         z_s = self.attention.score(self.sentinel_att(s) + h_att)  # (B*K,)
         alpha = torch.softmax(torch.cat([z.view(len(h), -1), z_s.unsqueeze(1)], dim=1), dim=1)  # (B*K, P+1)
         P = v.size(1)
