@@ -13,7 +13,32 @@ sys.path.insert(0, str(ROOT))
 import datasets  # noqa: E402
 import shapes  # noqa: E402
 import train  # noqa: E402
+from models import ModelConfig  # noqa: E402
 from utils import read_json  # noqa: E402
+
+# A vocabulary and a decoder config for unit tests on random features (resnet18's 512 channels).
+V = 30
+WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, V)}}
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, encoder="resnet18", encoded_size=3, embed_dim=16, attention_dim=12, decoder_dim=20,
+                dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+def random_captions(B: int, K: int, L: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid encoded captions: <start> words <end> <pad>..., lengths counting <start> and <end>."""
+    lengths = torch.randint(3, L + 1, (B, K), generator=generator)
+    captions = torch.zeros(B, K, L, dtype=torch.long)
+    for b in range(B):
+        for k in range(K):
+            n = int(lengths[b, k])
+            captions[b, k, 0] = 1
+            captions[b, k, 1:n - 1] = torch.randint(4, V, (n - 2,), generator=generator)
+            captions[b, k, n - 1] = 2
+    return captions, lengths
+
 
 # A model small enough to train in seconds on 2 CPU cores, on real (offline) ImageNet features.
 TINY_MODEL = ["--encoder", "tf_efficientnet_lite0", "--encoded-size", "4", "--embed-dim", "128",

@@ -11,33 +11,17 @@ from PIL import Image
 import caption
 import eval as evaluate
 import train
-from conftest import train_args
-from models import DECODERS, ModelConfig, beam_search, decode_tokens
+from conftest import V, WORD_MAP, random_captions, tiny_config, train_args
+from models import DECODERS, beam_search, decode_tokens
 from train import caption_log_likelihood, loss_terms
 from utils import load_checkpoint
 
-V = 30
-WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, V)}}
 ATTENDING = ["soft", "hard", "adaptive"]
 
 
 def tiny_decoder(name: str, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    base = dict(vocab_size=V, encoder="resnet18", encoded_size=3, embed_dim=16, attention_dim=12, decoder_dim=20,
-                dropout=0.0, decoder=name)
-    return DECODERS[name](ModelConfig(**{**base, **kw}))
-
-
-def random_captions(B: int, K: int, L: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """<start> words <end> <pad>..., lengths counting <start> and <end>."""
-    lengths = torch.randint(3, L + 1, (B, K), generator=generator)
-    captions = torch.zeros(B, K, L, dtype=torch.long)
-    for b in range(B):
-        for k in range(K):
-            n = int(lengths[b, k])
-            captions[b, k, :n] = torch.cat([torch.tensor([1]), torch.randint(4, V, (n - 2,), generator=generator),
-                                            torch.tensor([2])])
-    return captions, lengths
+    return DECODERS[name](tiny_config(decoder=name, **kw))
 
 
 def test_every_decoder_is_registered() -> None:

@@ -5,31 +5,10 @@ import pytest
 import torch
 
 import models
-from models import Attention, CaptionModel, DecoderWithAttention, Encoder, ModelConfig, beam_search, decode_tokens
+from conftest import V, WORD_MAP, random_captions, tiny_config
+from models import Attention, CaptionModel, DecoderWithAttention, Encoder, beam_search, decode_tokens
 from train import loss_terms
 from utils import SatError
-
-V = 30
-WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, V)}}
-
-
-def tiny_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=V, encoder="resnet18", encoded_size=3, embed_dim=16, attention_dim=12, decoder_dim=20,
-                dropout=0.0)
-    return ModelConfig(**{**base, **kw})
-
-
-def random_captions(B: int, K: int, L: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Valid encoded captions: <start> words <end> <pad>..., lengths counting <start> and <end>."""
-    lengths = torch.randint(3, L + 1, (B, K), generator=generator)
-    captions = torch.zeros(B, K, L, dtype=torch.long)
-    for b in range(B):
-        for k in range(K):
-            n = int(lengths[b, k])
-            captions[b, k, 0] = 1
-            captions[b, k, 1:n - 1] = torch.randint(4, V, (n - 2,), generator=generator)
-            captions[b, k, n - 1] = 2
-    return captions, lengths
 
 
 @pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet50", 2048), ("tf_efficientnet_lite0", 1280)])
@@ -119,22 +98,6 @@ def test_decoder_teacher_forcing_shapes_and_per_step_attention() -> None:
     for n, steps in enumerate(decode_lengths):
         torch.testing.assert_close(alphas[n, :steps].sum(dim=1), torch.ones(steps))
         assert torch.count_nonzero(alphas[n, steps:]) == 0 and torch.count_nonzero(logits[n, steps:]) == 0
-
-
-def test_teacher_forcing_matches_stepwise_decoding() -> None:
-    """The length-sorted batch forward gives the same logits as stepping each caption alone."""
-    torch.manual_seed(0)
-    decoder = DecoderWithAttention(tiny_config()).eval()
-    captions, lengths = random_captions(2, 3, 8, torch.Generator().manual_seed(1))
-    features = torch.randn(2, 9, 512)
-    logits, _ = decoder(features, captions, lengths)
-    for b in range(2):
-        for k in range(3):
-            memory = decoder.memory(features[b:b + 1])
-            state = decoder.init_state(memory, 1)
-            for t in range(int(lengths[b, k]) - 1):
-                step_logits, _, state = decoder.step(captions[b, k, t:t + 1], state, memory)
-                torch.testing.assert_close(step_logits[0], logits[b * 3 + k, t], atol=1e-5, rtol=1e-5)
 
 
 def test_loss_ignores_padding() -> None:
