@@ -271,7 +271,8 @@ class Trainer:
                 raise SatError(f"training stopped: {bad_steps} consecutive steps had a non-finite loss (lower the "
                                f"learning rate, check --alpha-c, or disable --amp); {last}")
             p.batches_done += 1
-            bar.set_postfix(self.running_averages())
+            bar.set_postfix({name.removeprefix("train_"): f"{value:.3f}" if name == "train_loss" else f"{value:.1f}"
+                             for name, value in self.running_averages().items()})
             if ok and p.step % tc.save_every == 0:
                 self.save("last")
             if self.stop_requested():
@@ -370,12 +371,13 @@ class Trainer:
         greedy_lengths = torch.tensor([len(c.tokens) for c in greedy], device=refs.device)
         return self.cider(words.unsqueeze(1), greedy_lengths.unsqueeze(1), refs, ref_lengths).squeeze(1)
 
-    def running_averages(self) -> dict[str, str]:
+    def running_averages(self) -> dict[str, float]:
+        """This epoch's averages so far: the loss, and the sampled captions' CIDEr-D (SCST) or top-5 accuracy."""
         p = self.progress
-        averages = {"loss": f"{p.loss_sum / max(p.tokens, 1):.3f}"}
+        averages = {"train_loss": p.loss_sum / max(p.tokens, 1)}
         if self.tc.scst:
-            return {**averages, "cider": f"{100 * p.reward_sum / max(p.samples, 1):.1f}"}
-        return {**averages, "top5": f"{100 * p.top5_sum / max(p.tokens, 1):.1f}"}
+            return {**averages, "train_cider": 100 * p.reward_sum / max(p.samples, 1)}
+        return {**averages, "train_top5": 100 * p.top5_sum / max(p.tokens, 1)}
 
     def validate(self) -> dict[str, float]:
         """BLEU-1..4 and CIDEr-D of real (beam search) decoding of the validation split."""
@@ -408,11 +410,9 @@ class Trainer:
         p.best_score = max(score, p.best_score)
         p.epochs_since_improvement = 0 if improved else p.epochs_since_improvement + 1
         self.scheduler.step(score)
-        train = ({"train_loss": p.loss_sum / max(p.tokens, 1), "train_cider": 100 * p.reward_sum / max(p.samples, 1)}
-                 if tc.scst else
-                 {"train_loss": p.loss_sum / max(p.tokens, 1), "train_top5": 100 * p.top5_sum / max(p.tokens, 1)})
-        record = {"epoch": p.epoch, "step": p.step, **train, **{f"val_{k}": v for k, v in scores.items()},
-                  "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+        record = {"epoch": p.epoch, "step": p.step, **self.running_averages(),
+                  **{f"val_{k}": v for k, v in scores.items()}, "lr": self.optimizer.param_groups[0]["lr"],
+                  "time": time.time()}
         p.epoch, p.batches_done, p.loss_sum, p.top5_sum, p.tokens = p.epoch + 1, 0, 0.0, 0.0, 0
         p.reward_sum, p.samples = 0.0, 0
         if improved:
