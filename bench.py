@@ -183,27 +183,6 @@ def full_batches(trainer: train.Trainer) -> Iterator[tuple[torch.Tensor, torch.T
                 yield inputs, captions, lengths
 
 
-def bench_training(args: argparse.Namespace, path: str) -> list[dict]:
-    batch = args.cached_batch_images if path == "train_cached" else args.images_per_batch
-    flags = {"train_frozen": [], "train_cached": ["--cache-features"], "train_finetune": ["--fine-tune-encoder"]}
-    trainer = build_trainer(args, batch, *flags[path])
-    trainer.model.train()
-    batches = full_batches(trainer)
-    for _ in range(args.warmup):
-        trainer.train_step(*next(batches))
-    captions, skipped = 0, 0
-    start = clock(trainer.device)
-    for _ in range(args.steps):
-        inputs, caps, lengths = next(batches)
-        skipped += not trainer.train_step(inputs, caps, lengths)
-        captions += caps.shape[0] * caps.shape[1]
-    seconds = clock(trainer.device) - start
-    if skipped:  # such a step stops before the backward pass: its time is not a training step's
-        raise SatError(f"{path}: {skipped} of {args.steps} timed steps had a non-finite loss")
-    return [{"path": path, "value": captions / seconds, "unit": "captions/s", "seconds": seconds,
-             "batch": f"{batch} img = {captions // args.steps} cap"}]
-
-
 class TimedReward:
     """Wraps the CIDEr-D reward so that the benchmark can report the share of the step it takes."""
 
@@ -217,27 +196,37 @@ class TimedReward:
         return rewards
 
 
-def bench_scst(args: argparse.Namespace) -> list[dict]:
-    """SCST starts from a cross-entropy checkpoint: an untrained one, saved first, does for speed."""
-    start_from = build_trainer(args, args.cached_batch_images, "--cache-features").save("xe")
-    trainer = build_trainer(args, args.cached_batch_images, "--cache-features", "--scst", "--resume",
-                            str(start_from), "--val-beam-size", "1")
-    trainer.cider = TimedReward(trainer.cider, trainer.device)
+def training_flags(args: argparse.Namespace, path: str) -> list[str]:
+    if path == "train_scst":  # SCST starts from a cross-entropy checkpoint: an untrained one, saved first, does
+        start_from = build_trainer(args, args.cached_batch_images, "--cache-features").save("xe")
+        return ["--cache-features", "--scst", "--resume", str(start_from), "--val-beam-size", "1"]
+    return {"train_frozen": [], "train_cached": ["--cache-features"], "train_finetune": ["--fine-tune-encoder"]}[path]
+
+
+def bench_training(args: argparse.Namespace, path: str) -> list[dict]:
+    batch = args.cached_batch_images if path in ("train_cached", "train_scst") else args.images_per_batch
+    trainer = build_trainer(args, batch, *training_flags(args, path))
+    scst = trainer.tc.scst
+    if scst:
+        trainer.cider = TimedReward(trainer.cider, trainer.device)
     trainer.model.train()
     batches = full_batches(trainer)
     for _ in range(args.warmup):
         trainer.train_step(*next(batches))
-    trainer.cider.seconds = 0.0
-    samples = 0
+    if scst:
+        trainer.cider.seconds = 0.0
+    captions, skipped = 0, 0  # with SCST, the sampled ones
     start = clock(trainer.device)
     for _ in range(args.steps):
         inputs, caps, lengths = next(batches)
-        trainer.train_step(inputs, caps, lengths)
-        samples += len(inputs) * trainer.tc.scst_samples
+        skipped += not trainer.train_step(inputs, caps, lengths)
+        captions += caps.shape[0] * (trainer.tc.scst_samples if scst else caps.shape[1])
     seconds = clock(trainer.device) - start
-    return [{"path": "train_scst", "value": samples / seconds, "unit": "sampled captions/s", "seconds": seconds,
-             "batch": f"{args.cached_batch_images} img = {samples // args.steps} samples",
-             "reward_share": trainer.cider.seconds / seconds}]
+    if skipped:  # such a step stops before the backward pass: its time is not a training step's
+        raise SatError(f"{path}: {skipped} of {args.steps} timed steps had a non-finite loss")
+    row = {"path": path, "value": captions / seconds, "unit": "sampled captions/s" if scst else "captions/s",
+           "seconds": seconds, "batch": f"{batch} img = {captions // args.steps} {'samples' if scst else 'cap'}"}
+    return [{**row, "reward_share": trainer.cider.seconds / seconds} if scst else row]
 
 
 def bench_cache_build(args: argparse.Namespace) -> list[dict]:
@@ -304,8 +293,6 @@ def run_worker(args: argparse.Namespace) -> None:
         rows = bench_cache_build(args)
     elif path.startswith("eval"):
         rows = bench_eval(args, path)
-    elif path == "train_scst":
-        rows = bench_scst(args)
     else:
         rows = bench_training(args, path)
     peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}  # ru_maxrss is in KiB
