@@ -46,6 +46,17 @@ class ShapeObject:
     def phrase(self, with_size: bool) -> str:
         return f"{self.size} {self.colour} {self.shape}" if with_size else f"{self.colour} {self.shape}"
 
+    def sidecar(self, side: int) -> dict:
+        """The object as `shapes_boxes.json` stores it."""
+        return {"shape": self.shape, "colour": self.colour, "size": self.size, "box": self.box(side),
+                "words": [self.colour, self.shape]}
+
+    @classmethod
+    def from_sidecar(cls, obj: dict) -> ShapeObject:
+        """A sidecar entry back as an object, in units of the image side: enough for `relation` and `position`."""
+        x0, y0, x1, y1 = obj["box"]
+        return cls(obj["shape"], obj["colour"], obj["size"], (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2)
+
 
 def _background(rng: np.random.Generator, side: int) -> np.ndarray:
     """A light, low-contrast texture: a tinted gradient plus smooth noise."""
@@ -111,6 +122,11 @@ INVERSE = {"to the left of": "to the right of", "to the right of": "to the left 
            "above": "below", "below": "above"}
 
 
+def position(obj: ShapeObject, side: float) -> str:
+    """The single-object templates' "near the top" / "near the bottom": which half holds the centre."""
+    return "top" if obj.cy < side / 2 else "bottom"
+
+
 def _candidate_captions(objs: list[ShapeObject], side: int) -> list[str]:
     """Every caption the templates can make for these objects; five distinct ones are drawn from it."""
     def p(o: ShapeObject, s: bool = True) -> str:
@@ -118,7 +134,7 @@ def _candidate_captions(objs: list[ShapeObject], side: int) -> list[str]:
 
     if len(objs) == 1:
         (a,) = objs
-        where = "top" if a.cy < side / 2 else "bottom"
+        where = position(a, side)
         return [f"a {p(a)}", f"a {p(a, False)}", f"there is a {p(a)} in the image",
                 f"a single {p(a, False)} on a light background", f"one {a.size} {a.shape} coloured {a.colour}",
                 f"a picture of a {p(a)}", f"the image shows a {a.colour} {a.shape}",
@@ -168,8 +184,7 @@ def generate(out_dir: str | os.PathLike, num_train: int, num_val: int, num_test:
                        "sentids": list(range(5 * i, 5 * i + 5)),
                        "sentences": [{"tokens": c.split(), "raw": c, "imgid": i, "sentid": 5 * i + j}
                                      for j, c in enumerate(captions)]})
-        boxes[filename] = [{"shape": o.shape, "colour": o.colour, "size": o.size, "box": o.box(side),
-                            "words": [o.colour, o.shape]} for o in objs]
+        boxes[filename] = [o.sidecar(side) for o in objs]
     karpathy, sidecar = out / "dataset_shapes.json", out / "shapes_boxes.json"
     _write_json(karpathy, {"dataset": "shapes", "images": images})
     _write_json(sidecar, boxes)
