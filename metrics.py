@@ -1,24 +1,30 @@
-"""Caption quality scores and the attention-grounding score.
+"""Caption quality scores, the shapes caption-correctness score and the attention-grounding score.
 
 `caption_scores` computes BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (and SPICE where possible) exactly as the
 COCO caption evaluation does, through the pycocoevalcap package: captions are first run through the
 Stanford PTB tokenizer (Java) with punctuation removed. Without Java, a Python tokenizer that mimics it
 is used and METEOR/SPICE are reported unavailable. `bleu` is nltk's corpus BLEU, which the old tutorial
 reported; the two BLEUs differ (see the README). All scores are x100, as papers report them.
+On the shapes data, `caption_correctness` scores whether captions are true of their images, which
+n-gram overlap cannot see, and `attention_grounding` whether the model looks where it speaks.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from nltk.translate.bleu_score import corpus_bleu
+
+import shapes
 
 BLEU_WEIGHTS = {
     "bleu1": (1.0, 0, 0, 0),
@@ -196,3 +202,111 @@ def attention_grounding(words: list[list[str]], alphas: list[torch.Tensor],
         return {"attention_in_box": 0.0, "uniform_in_box": 0.0, "pointing_accuracy": 0.0, "grounded_words": 0}
     return {"attention_in_box": 100.0 * sum(shares) / len(shares), "uniform_in_box": 100.0 * sum(chance) / len(chance),
             "pointing_accuracy": 100.0 * sum(hits) / len(hits), "grounded_words": len(shares)}
+
+
+# ------------------------------------------------------------------------------ caption correctness (shapes)
+
+def caption_correctness(hypotheses: list[str], objects: list[list[dict]]) -> dict[str, float]:
+    """Are the captions true of their images? CHAIR (Rohrbach et al. 2018, "Object Hallucination in Image
+    Captioning") for the shapes data, extended to the templates' other claims; `shapes.parse_caption` reads them.
+
+    Each mention is paired with a distinct object of its image of the same colour and shape (and size, when
+    it names one), by the one-to-one pairing that pairs the most mentions; a mention left unpaired is a
+    hallucination, so naming an object twice, or with a wrong colour or size, counts. Keys, x100 where shares:
+    chair_i: hallucinated mentions / mentions; chair_s: captions with a hallucination / captions;
+    object_recall: image objects some mention is paired with / image objects; count_accuracy: true count claims
+    ("a single", "one", "alone", "two shapes", "three shapes") / count claims; relation_accuracy: true relation
+    claims / relation claims, judged by `shapes.relation` on the paired objects' box centres, a claim about an
+    unpaired mention being false; position_accuracy: the same for "near the top / bottom" (`shapes.position`);
+    incomplete_captions: captions with a dangling phrase or a word outside the grammar / captions;
+    correct_captions: captions with at least one mention, no hallucination, every count, relation and position
+    claim true and nothing incomplete / captions; and the denominators: captions, mentions, image_objects,
+    count_claims, relation_claims, position_claims. A share over nothing is 0.0.
+
+    hypotheses: per image, the generated caption; objects: per image, the shapes sidecar's objects.
+    """
+    if len(hypotheses) != len(objects):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(objects)} object lists")
+    verdicts = [_judge(shapes.parse_caption(h), [shapes.ShapeObject.from_sidecar(o) for o in objs])
+                for h, objs in zip(hypotheses, objects)]
+    total = {name: sum(getattr(v, name) for v in verdicts) for name in _Verdict.__dataclass_fields__}
+    captions = len(verdicts)
+    return {"chair_i": _share(total["hallucinated"], total["mentions"]),
+            "chair_s": _share(sum(v.hallucinated > 0 for v in verdicts), captions),
+            "object_recall": _share(total["recalled"], total["objects"]),
+            "count_accuracy": _share(total["counts_true"], total["counts"]),
+            "relation_accuracy": _share(total["relations_true"], total["relations"]),
+            "position_accuracy": _share(total["positions_true"], total["positions"]),
+            "incomplete_captions": _share(captions - total["complete"], captions),
+            "correct_captions": _share(sum(v.correct for v in verdicts), captions),
+            "captions": captions, "mentions": total["mentions"], "image_objects": total["objects"],
+            "count_claims": total["counts"], "relation_claims": total["relations"],
+            "position_claims": total["positions"]}
+
+
+@dataclass
+class _Verdict:
+    """One caption's claims, and how many of each kind are true."""
+    mentions: int
+    hallucinated: int
+    objects: int
+    recalled: int
+    counts: int
+    counts_true: int
+    relations: int
+    relations_true: int
+    positions: int
+    positions_true: int
+    complete: bool
+
+    @property
+    def correct(self) -> bool:
+        return (self.complete and self.mentions > 0 and self.hallucinated == 0 and self.counts_true == self.counts
+                and self.relations_true == self.relations and self.positions_true == self.positions)
+
+
+def _judge(parsed: shapes.ParsedCaption, objs: list[shapes.ShapeObject]) -> _Verdict:
+    paired = _best_pairing(parsed, objs)
+    return _Verdict(mentions=len(parsed.mentions), hallucinated=len(parsed.mentions) - len(paired),
+                    objects=len(objs), recalled=len(paired),
+                    counts=len(parsed.counts), counts_true=sum(n == len(objs) for n in parsed.counts),
+                    relations=len(parsed.relations), relations_true=_true_relations(parsed, paired),
+                    positions=len(parsed.positions), positions_true=_true_positions(parsed, paired),
+                    complete=parsed.complete)
+
+
+def _best_pairing(parsed: shapes.ParsedCaption, objs: list[shapes.ShapeObject]) -> dict[int, shapes.ShapeObject]:
+    """{mention index: object}: of the one-to-one pairings the one that pairs the most mentions and, among
+    those, makes the most relation and position claims true, so that a mention that fits two objects (two red
+    circles) gets the benefit of the doubt. Brute force over each object's choice of mention: images hold at
+    most 3 objects.
+    """
+    options = [[None, *(k for k, m in enumerate(parsed.mentions) if _describes(m, o))] for o in objs]
+    best: dict[int, shapes.ShapeObject] = {}
+    best_key = (-1, -1)
+    for choice in itertools.product(*options):
+        # keyed by mention, so one-to-one: a mention two objects chose keeps one, as in the choice where the other
+        # object chose none
+        pairing = {k: o for k, o in zip(choice, objs) if k is not None}
+        key = (len(pairing), _true_relations(parsed, pairing) + _true_positions(parsed, pairing))
+        if key > best_key:
+            best, best_key = pairing, key
+    return best
+
+
+def _describes(mention: shapes.Mention, obj: shapes.ShapeObject) -> bool:
+    return (mention.colour == obj.colour and mention.shape == obj.shape
+            and mention.size in (None, obj.size))
+
+
+def _true_relations(parsed: shapes.ParsedCaption, paired: dict[int, shapes.ShapeObject]) -> int:
+    return sum(a in paired and b in paired and shapes.relation(paired[a], paired[b]) == rel
+               for a, rel, b in parsed.relations)
+
+
+def _true_positions(parsed: shapes.ParsedCaption, paired: dict[int, shapes.ShapeObject]) -> int:
+    return sum(a in paired and shapes.position(paired[a], 1.0) == where for a, where in parsed.positions)
+
+
+def _share(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole else 0.0
