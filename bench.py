@@ -6,8 +6,8 @@ Run:
   .venv/bin/python bench.py --paths train_cached eval_end2end --steps 20
 
 What it measures, each path in its own fresh process (so each gets its own peak RSS and CUDA peak), with
---warmup untimed steps first, through the project's own code (train.build_trainer, Trainer.train_step,
-features.cached_features, eval.caption_split), with random encoder weights (speed does not depend on them):
+--warmup untimed steps first, through the project's own code (trainer.from_args, Trainer.train_step,
+features.cached_features, inference.caption_split), with random encoder weights (speed does not depend on them):
   train_frozen    captions/s, encoder frozen, every batch of images through the encoder
   cache_build     images/s of building the train split's fp16 feature cache (a one-time cost)
   train_cached    captions/s, decoder trained from that cache
@@ -46,11 +46,14 @@ import torchvision
 from torch.utils.data import DataLoader
 
 import shapes
-import train
+from config import train_parser
 from datasets import ImageCaptionsDataset, base_name, create_input_files, read_karpathy, word_map_file
-from eval import caption_split
+from devices import resolve_device
 from features import cached_features, feature_file
-from utils import SatError, atomic_path, non_negative_int, positive_int, read_json, resolve_device, run_cli, \
+from inference import caption_split
+from trainer import EpochBatches, Trainer
+from trainer import from_args as trainer_from_args
+from utils import SatError, atomic_path, non_negative_int, positive_int, read_json, run_cli, \
     write_json
 
 PATHS = ("train_frozen", "cache_build", "train_cached", "train_finetune", "eval_end2end", "eval_cached", "train_scst")
@@ -156,14 +159,14 @@ def prepare_encoder_weights(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------------- workers
 
-def build_trainer(args: argparse.Namespace, batch_images: int, *flags: str) -> train.Trainer:
+def build_trainer(args: argparse.Namespace, batch_images: int, *flags: str) -> Trainer:
     """A Trainer exactly as train.py builds one from these flags."""
     d = str(args.dim)
     argv = ["--data-folder", str(data_folder(args)), "--data-name", DATA_NAME, "--device", args.device,
             "--checkpoint-dir", str(Path(args.out) / "checkpoints"), "--encoder", args.encoder,
             "--encoder-weights", str(encoder_weights(args)), "--encoded-size", str(args.encoded_size),
             "--embed-dim", d, "--attention-dim", d, "--decoder-dim", d, "--batch-size", str(batch_images), *flags]
-    return train.build_trainer(train.parse_args(argv + ["--amp"] * args.amp))
+    return trainer_from_args(train_parser().parse_args(argv + ["--amp"] * args.amp))
 
 
 def clock(device: torch.device) -> float:
@@ -172,11 +175,11 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def full_batches(trainer: train.Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def full_batches(trainer: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches drawn as Trainer.train_epoch draws them, epoch after epoch; short last batches are left out
     so that every timed step has the stated batch size."""
     for epoch in itertools.count():
-        sampler = train.EpochBatches(len(trainer.train_set), trainer.tc.batch_size, trainer.tc.seed, epoch)
+        sampler = EpochBatches(len(trainer.train_set), trainer.tc.batch_size, trainer.tc.seed, epoch)
         loader = DataLoader(trainer.train_set, batch_sampler=sampler, pin_memory=trainer.device.type == "cuda")
         for inputs, captions, lengths, _ in loader:
             if len(inputs) == trainer.tc.batch_size:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-import shapes
-from datasets import DEFAULT_MAX_PIXELS, create_input_files, read_csv_folder, read_karpathy
+from config import DEFAULT_MAX_PIXELS
 from utils import ArgumentParser, SatError, add_debug_flag, non_negative_int, positive_int, read_json, run_cli
 
 
@@ -58,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    import shapes
+    from datasets import create_input_files, read_csv_folder, read_karpathy
     boxes = None
     if args.dataset == "shapes":
         raw = Path(args.image_folder or Path(args.output_folder) / "shapes_raw")
@@ -86,4 +91,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    arguments = parse_args(sys.argv[1:])  # before torch is imported, so that --help and mistakes answer at once
+    run_cli(lambda _argv: run(arguments))

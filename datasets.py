@@ -11,6 +11,7 @@ Files written for a base name such as `coco_5_cap_per_img_5_min_word_freq`:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
@@ -30,10 +31,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from config import DEFAULT_MAX_PIXELS
 from utils import SPECIAL_TOKENS, SatError, atomic_path, read_json, write_json
 
 SPLITS = ("TRAIN", "VAL", "TEST")
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 
 
 @dataclass
@@ -57,6 +58,16 @@ def split_file(data_folder: str | os.PathLike, split: str, kind: str, data_name:
 
 def word_map_file(data_folder: str | os.PathLike, data_name: str) -> Path:
     return Path(data_folder) / f"WORDMAP_{data_name}.json"
+
+
+def check_word_map(model_word_map: dict[str, int], data_folder: str | os.PathLike, data_name: str,
+                   source: str) -> None:
+    """A model can only be trained or scored on data with its own word map."""
+    path = word_map_file(data_folder, data_name)
+    data_word_map = read_json(path)
+    if data_word_map != model_word_map:
+        raise SatError(f"{source}: its word map ({len(model_word_map)} words) differs from {path} "
+                       f"({len(data_word_map)} words): the model was trained on other data")
 
 
 # ---------------------------------------------------------------------------------------------- reading sources
@@ -288,10 +299,12 @@ def _write_images(records: list[Record], h5_path: Path, split: str, size: int, c
             results = pool.imap(_load_array, jobs, chunksize=8)
         else:
             results = map(_load_array, jobs)
+        digest = hashlib.sha256()  # of every stored image: what a feature cache is keyed on (features.py)
         for record, (array, problem) in tqdm(zip(records, results), total=len(records),
                                              desc=f"{split.lower()} images", unit="img"):
             if problem is None:
                 images[len(kept)] = array
+                digest.update(array.tobytes())
                 kept.append(record)
             elif skip:
                 skipped.append({"file": str(record.path), "problem": problem})
@@ -299,6 +312,7 @@ def _write_images(records: list[Record], h5_path: Path, split: str, size: int, c
             else:
                 raise SatError(f"{record.path}: {problem}")
         images.resize(len(kept), axis=0)
+        h5.attrs["content_sha256"] = digest.hexdigest()
         h5.create_dataset("image_ids", data=np.array([r.image_id for r in kept], dtype=np.int64),
                           track_times=False)
         h5.create_dataset("filenames", data=np.array([r.path.name.encode() for r in kept], dtype=object),

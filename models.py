@@ -6,7 +6,7 @@ A = attention_dim, D = decoder_dim, E = embed_dim, V = vocabulary size, T = deco
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,41 +14,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from config import DECODER_NAMES, ENCODER_CHANNELS, ModelConfig
 from utils import SatError
 
-# name -> (output channels, mean, std); every encoder normalises its own uint8 input.
+# name -> (mean, std) of the input normalisation; every encoder normalises its own uint8 input.
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-ENCODERS = {
-    "resnet18": (512, *IMAGENET),
-    "resnet34": (512, *IMAGENET),
-    "resnet50": (2048, *IMAGENET),
-    "resnet101": (2048, *IMAGENET),
-    "resnet152": (2048, *IMAGENET),
-    "tf_efficientnet_lite0": (1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild the network; saved inside every checkpoint."""
-    vocab_size: int
-    encoder: str = "resnet101"
-    encoded_size: int = 14
-    decoder: str = "soft"
-    embed_dim: int = 512
-    attention_dim: int = 512
-    decoder_dim: int = 512
-    dropout: float = 0.5
-    attention_activation: str = "relu"
-    hard_estimator: str = "reinforce"  # decoder "hard": how the sampled location is trained (reinforce, gumbel)
-    hard_test: str = "expectation"  # decoder "hard": the context at test time (expectation, argmax)
-
-    @property
-    def encoder_dim(self) -> int:
-        return ENCODERS[self.encoder][0]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+ENCODERS = {name: IMAGENET for name in ENCODER_CHANNELS if name.startswith("resnet")}
+ENCODERS["tf_efficientnet_lite0"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 # ------------------------------------------------------------------------------------------------------ encoder
@@ -109,7 +81,7 @@ class Encoder(nn.Module):
         super().__init__()
         if name not in ENCODERS:
             raise SatError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
-        _, mean, std = ENCODERS[name]
+        mean, std = ENCODERS[name]
         self.name = name
         self.backbone = _efficientnet_lite0(weights) if name.startswith("tf_") else _resnet(name, weights)
         self.pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
@@ -257,6 +229,8 @@ class Decoder(nn.Module):
         embedded = self.embedding(captions.flatten(0, 1).index_select(0, rows))  # (B*K, L, E)
         state = self.init_state(memory, K)
         T = int(longest[0])
+        # One buffer per output, filled in the captions' own order: each step writes its rows where they belong
+        # (a gather in backward, deterministic), so no sorted copy has to be permuted back at the end.
         logits = embedded.new_zeros(B * K, T, self.fc.out_features)
         alphas = embedded.new_zeros(B * K, T, self.alpha_size(encoder_out.size(1)))
         traces = {name: embedded.new_zeros(B * K, T) for name in self.traced} if self.training else {}
@@ -264,30 +238,40 @@ class Decoder(nn.Module):
             b = int((longest > t).sum())
             state = {k: v[:b * K] for k, v in state.items()}
             step_logits, alpha, state = self._step(embedded[:b * K, t], state, {k: v[:b] for k, v in memory.items()})
-            logits[:b * K, t] = step_logits
-            alphas[:b * K, t] = alpha
+            logits[rows[:b * K], t] = step_logits
+            alphas[rows[:b * K], t] = alpha
             for name, trace in traces.items():
-                trace[:b * K, t] = state[name]
+                trace[rows[:b * K], t] = state[name]
         # Captions shorter than their image's longest were decoded past their end: zero those positions.
-        valid = torch.arange(T, device=rows.device) < decode_lengths.flatten().index_select(0, rows).unsqueeze(1)
-        inverse = rows.argsort()
-        self.traces = {name: (trace * valid).index_select(0, inverse) for name, trace in traces.items()}  # (B*K, T)
-        return ((logits * valid.unsqueeze(2)).index_select(0, inverse),
-                (alphas * valid.unsqueeze(2)).index_select(0, inverse))
+        past_end = torch.arange(T, device=rows.device) >= decode_lengths.flatten().unsqueeze(1)  # (B*K, T)
+        self.traces = {name: trace.masked_fill(past_end, 0.0) for name, trace in traces.items()}  # (B*K, T)
+        return logits.masked_fill_(past_end.unsqueeze(2), 0.0), alphas.masked_fill_(past_end.unsqueeze(2), 0.0)
 
-    def auxiliary_loss(self, log_likelihood: torch.Tensor) -> torch.Tensor | float:
-        """A training loss beyond cross-entropy, given log p(caption) (B*K,) of the last forward; none here."""
+    needs_log_likelihood = False  # auxiliary_loss reads log p(caption) of the last forward
+
+    def auxiliary_loss(self, log_likelihood: torch.Tensor, batch_mean: float) -> torch.Tensor | float:
+        """A training loss beyond cross-entropy, given log p(caption) (B*K,) of the last forward and its mean over
+        the whole batch (all ranks of a torchrun job); none here."""
         return 0.0
+
+    def end_step(self, batch_mean: float) -> None:
+        """Called after an optimizer step was taken, with the batch's mean log p(caption); nothing here."""
 
 
 class DecoderWithAttention(Decoder):
-    """The paper's LSTM decoder with soft attention and the gating scalar beta (section 4.2.1)."""
+    """The paper's LSTM decoder with soft attention, the gating scalar beta (section 4.2.1) and the deep output
+    layer (eq. 7): p(y_t) = softmax(L_o tanh(E y_t-1 + L_h h_t + L_z z_t)), z_t the gated context. The tanh and
+    the dropout on h_t and before L_o are the authors' code's (arctic-captions); without the tanh the layer would
+    be linear. With output_layer 'linear' words come from fc(dropout(h_t)) instead, as in the tutorial.
+    """
 
     doubly_stochastic = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
+        if cfg.output_layer not in ("deep", "linear"):
+            raise SatError(f"unknown output layer '{cfg.output_layer}' (deep or linear)")
         self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation)
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -295,7 +279,11 @@ class DecoderWithAttention(Decoder):
         self.init_h = nn.Linear(C, D)  # h0 and c0 from the mean annotation vector
         self.init_c = nn.Linear(C, D)
         self.f_beta = nn.Linear(D, C)  # the gate on the context
-        self.fc = nn.Linear(D, cfg.vocab_size)
+        self.deep = cfg.output_layer == "deep"
+        if self.deep:
+            self.out_h = nn.Linear(D, E)  # L_h
+            self.out_z = nn.Linear(C, E)  # L_z
+        self.fc = nn.Linear(E if self.deep else D, cfg.vocab_size)  # L_o, or the tutorial's fc
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
@@ -317,8 +305,12 @@ class DecoderWithAttention(Decoder):
                 state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
         """The LSTM step and the output layer, given this step's context (B*K, C)."""
         gate = torch.sigmoid(self.f_beta(state["h"]))  # (B*K, C)
-        h, c = self.lstm(torch.cat([embedded, gate * context], dim=1), (state["h"], state["c"]))
-        return self.fc(self.dropout(h)), alpha, {"h": h, "c": c}
+        z = gate * context
+        h, c = self.lstm(torch.cat([embedded, z], dim=1), (state["h"], state["c"]))
+        if not self.deep:
+            return self.fc(self.dropout(h)), alpha, {"h": h, "c": c}
+        out = torch.tanh(embedded + self.out_h(self.dropout(h)) + self.out_z(z))  # (B*K, E)
+        return self.fc(self.dropout(out)), alpha, {"h": h, "c": c}
 
 
 class HardAttentionDecoder(DecoderWithAttention):
@@ -340,6 +332,8 @@ class HardAttentionDecoder(DecoderWithAttention):
             raise SatError(f"hard attention: estimator '{cfg.hard_estimator}' (reinforce or gumbel), test-time "
                            f"context '{cfg.hard_test}' (expectation or argmax)")
         self.estimator, self.test_context = cfg.hard_estimator, cfg.hard_test
+        self.expectation_rate = cfg.hard_expectation
+        self.needs_log_likelihood = self.estimator == "reinforce"
         self.traced = ("log_p_s", "entropy") if self.estimator == "reinforce" else ()
         # Buffers, so that checkpoints carry the baseline and a resumed run continues exactly.
         self.register_buffer("baseline", torch.zeros(()))
@@ -352,16 +346,22 @@ class HardAttentionDecoder(DecoderWithAttention):
             if self.test_context == "expectation":
                 return self._decode(embedded, expected, alpha, state)
             return self._decode(embedded, self._pick(features, alpha.argmax(dim=1)), alpha, state)
+        # The paper's variance reduction: with probability hard_expectation a row's step uses the expected context
+        # (soft attention's), and only the other rows sample a location.
+        expect = (torch.rand(len(alpha), device=alpha.device) < self.expectation_rate if self.expectation_rate > 0
+                  else torch.zeros(len(alpha), dtype=torch.bool, device=alpha.device))  # (B*K,)
         if self.estimator == "gumbel":
             # Straight-through: a one-hot sample forward, the gradient of its relaxation backward.
             sample = F.gumbel_softmax(torch.log(alpha + 1e-12), tau=1.0, hard=True)  # (B*K, P)
             B, P, C = features.shape
             context = torch.bmm(sample.view(B, -1, P), features).view(-1, C)  # (B*K, C)
-            return self._decode(embedded, context, alpha, state)
+            return self._decode(embedded, torch.where(expect.unsqueeze(1), expected, context), alpha, state)
         s = torch.multinomial(alpha.detach(), 1).squeeze(1)  # (B*K,)
-        logits, alpha, state = self._decode(embedded, self._pick(features, s), alpha, state)
+        context = torch.where(expect.unsqueeze(1), expected, self._pick(features, s))
+        logits, alpha, state = self._decode(embedded, context, alpha, state)
         log_alpha = torch.log(alpha + 1e-12)
-        state["log_p_s"] = log_alpha.gather(1, s.unsqueeze(1)).squeeze(1)  # (B*K,)
+        # log p(s_t) where a location was sampled; the expected context's gradient reaches alpha directly
+        state["log_p_s"] = log_alpha.gather(1, s.unsqueeze(1)).squeeze(1).masked_fill(expect, 0.0)  # (B*K,)
         state["entropy"] = -(alpha * log_alpha).sum(dim=1)
         return logits, alpha, state
 
@@ -371,19 +371,25 @@ class HardAttentionDecoder(DecoderWithAttention):
         image = torch.arange(len(s), device=s.device) // (len(s) // features.size(0))
         return features[image, s]
 
-    def auxiliary_loss(self, log_likelihood: torch.Tensor) -> torch.Tensor | float:
-        """REINFORCE with log p(y|s) (B*K,) as the reward; 0 for the Gumbel estimator and outside training."""
+    def auxiliary_loss(self, log_likelihood: torch.Tensor, batch_mean: float) -> torch.Tensor | float:
+        """REINFORCE with log p(y|s) (B*K,) as the reward and the moving average b as its baseline (the batch's
+        mean before the first step); 0 for the Gumbel estimator and outside training."""
         if not self.training or self.estimator != "reinforce":
             return 0.0
         reward = log_likelihood.detach()
-        mean = reward.mean()
-        b = self.baseline.clone() if int(self.baseline_updates) else mean
-        if bool(torch.isfinite(mean)):  # a non-finite step is skipped by train.py and must leave b as it was
-            with torch.no_grad():
-                self.baseline.copy_(self.baseline_decay * b + (1 - self.baseline_decay) * mean)
-                self.baseline_updates += 1
+        b = self.baseline.clone() if int(self.baseline_updates) else torch.tensor(batch_mean, device=reward.device)
         log_p_s, entropy = self.traces["log_p_s"].sum(dim=1), self.traces["entropy"].sum(dim=1)  # (B*K,)
         return -(self.lambda_r * (reward - b) * log_p_s + self.lambda_e * entropy).mean()
+
+    def end_step(self, batch_mean: float) -> None:
+        """After a step that was taken: b <- 0.9 b + 0.1 mean log p(y|s) over the whole batch. Every rank of a
+        torchrun job gets the same mean, so their buffers stay equal (a skipped step leaves b as it was)."""
+        if self.estimator != "reinforce":
+            return
+        mean = torch.tensor(batch_mean, dtype=self.baseline.dtype, device=self.baseline.device)
+        b = self.baseline if int(self.baseline_updates) else mean
+        self.baseline.copy_(self.baseline_decay * b + (1 - self.baseline_decay) * mean)
+        self.baseline_updates += 1
 
 
 class AdaptiveAttentionDecoder(Decoder):
@@ -489,6 +495,7 @@ class VanillaRNN(ShowAndTell):
 
 DECODERS: dict[str, type[Decoder]] = {"soft": DecoderWithAttention, "hard": HardAttentionDecoder,
                                       "adaptive": AdaptiveAttentionDecoder, "lstm": ShowAndTell, "rnn": VanillaRNN}
+assert tuple(DECODERS) == DECODER_NAMES, "config.DECODER_NAMES lists the decoders defined here"
 
 
 # ------------------------------------------------------------------------------------------------ whole model
@@ -503,18 +510,6 @@ class CaptionModel(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights)
         self.decoder = DECODERS[cfg.decoder](cfg)
-
-
-def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple[CaptionModel, dict[str, int]]:
-    """Rebuild the model from a checkpoint's own config and weights; no other file is needed."""
-    try:
-        cfg = ModelConfig(**checkpoint["model_config"])
-        model = CaptionModel(cfg)
-        model.encoder.load_state_dict(checkpoint["encoder"])
-        model.decoder.load_state_dict(checkpoint["decoder"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise SatError(f"{source}: its weights do not match its config ({str(e).splitlines()[0]})") from None
-    return model, checkpoint["word_map"]
 
 
 # ------------------------------------------------------------------------------------------------- beam search
@@ -559,7 +554,15 @@ def beam_search(decoder: Decoder, encoder_out: torch.Tensor, word_map: dict[str,
     for t in range(max_len + 1):  # up to max_len words, then <end>
         logits, alpha, state = decoder.step(beams["word"], state, memory)
         log_probs = torch.log_softmax(logits.float(), dim=1)  # (b*K, V)
-        log_probs[:, [start, pad]] = float("-inf")  # neither may appear inside a caption
+        if t == max_len:
+            # After max_len words a beam can only end (scored with p(<end>)) or be cut there: <pad> marks the cut,
+            # which adds nothing to its score, so a cut caption's score is that of exactly the words it returns.
+            ended = log_probs[:, end].clone()
+            log_probs.fill_(float("-inf"))
+            log_probs[:, end], log_probs[:, pad] = ended, 0.0
+        log_probs[:, start] = float("-inf")  # never inside a caption
+        if t < max_len:
+            log_probs[:, pad] = float("-inf")
         log_probs[beams["finished"]] = float("-inf")
         log_probs[beams["finished"], pad] = 0.0
         b, V = len(images), log_probs.size(1)
@@ -574,7 +577,7 @@ def beam_search(decoder: Decoder, encoder_out: torch.Tensor, word_map: dict[str,
         word = (top % V).view(-1)
         finished = beams["finished"][rows]
         beams = {"score": top_scores.view(-1), "word": word, "finished": finished | (word == end),
-                 "length": beams["length"][rows] + (~finished).long(),
+                 "length": beams["length"][rows] + (~finished & (word != pad)).long(),  # a cut adds no word
                  "seq": torch.cat([beams["seq"][rows], word.unsqueeze(1)], dim=1),
                  "alphas": torch.cat([beams["alphas"][rows], alpha.float()[rows].unsqueeze(1)], dim=1)}
         state = {k: v[rows] for k, v in state.items()}

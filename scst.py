@@ -117,10 +117,9 @@ class CiderD:
         return 10.0 * total.sum(dim=2) / (n * R)
 
 
-def caption_lengths(tokens: Tensor, end: int) -> Tensor:
-    """Sampled tokens (N, T), each row words then <end> then padding -> words per row (T where no <end>)."""
-    is_end = tokens == end
-    return torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), tokens.size(1))
+def caption_lengths(tokens: Tensor, end: int, pad: int) -> Tensor:
+    """Sampled tokens (N, T), each row words then <end> or a cut, then padding -> words per row."""
+    return ((tokens != end) & (tokens != pad)).sum(dim=1)
 
 
 def sample(decoder: nn.Module, encoder_out: Tensor, word_map: dict[str, int], n: int,
@@ -128,8 +127,10 @@ def sample(decoder: nn.Module, encoder_out: Tensor, word_map: dict[str, int], n:
     """n captions per image by multinomial sampling from the decoder, with gradients.
 
     encoder_out (B, P, C) -> tokens (B*n, T) image-major (words, <end>, then <pad>), log_probs (B*n, T) of each
-    sampled token, mask (B*n, T): True up to and including <end>. A caption that has not ended after
-    max_len words stops there without <end>.
+    sampled token, mask (B*n, T): True up to and including <end>. After max_len words a caption either draws
+    <end> or is cut there: its draw is dropped, so no caption holds more than max_len words. A decoder that
+    samples where it looks (hard attention's REINFORCE) adds log p(location) of each step to the step's log-prob:
+    the policy chooses both, so the reward trains the attention too.
     """
     start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
     memory = decoder.memory(encoder_out)  # per image, shared by its n samples
@@ -138,16 +139,20 @@ def sample(decoder: nn.Module, encoder_out: Tensor, word_map: dict[str, int], n:
     words = torch.full((rows,), start, dtype=torch.long, device=encoder_out.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=encoder_out.device)
     tokens, log_probs, masks = [], [], []
-    for _ in range(max_len + 1):
+    for t in range(max_len + 1):
         logits, _, state = decoder.step(words, state, memory)
         logits = logits.float().index_fill(1, torch.tensor([start, pad], device=logits.device), float("-inf"))
         step_log_probs = F.log_softmax(logits, dim=1)  # (B*n, V)
         drawn = torch.multinomial(step_log_probs.detach().exp(), 1).squeeze(1)
-        words = torch.where(finished, torch.full_like(drawn, pad), drawn)
+        cut = ~finished & (drawn != end) if t == max_len else torch.zeros_like(finished)
+        dropped = finished | cut
+        words = torch.where(dropped, torch.full_like(drawn, pad), drawn)
         chosen = step_log_probs.gather(1, torch.where(finished, end, drawn).unsqueeze(1)).squeeze(1)
+        if "log_p_s" in state:
+            chosen = chosen + state["log_p_s"]
         tokens.append(words)
-        log_probs.append(torch.where(finished, torch.zeros_like(chosen), chosen))
-        masks.append(~finished)
+        log_probs.append(torch.where(dropped, torch.zeros_like(chosen), chosen))
+        masks.append(~dropped)
         finished = finished | (words == end)
         if bool(finished.all()):
             break

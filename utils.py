@@ -1,19 +1,20 @@
-"""Small pieces every script shares: errors for users, atomic files, devices, checkpoint I/O."""
+"""Small pieces every script shares: errors for users, argument types, atomic files, JSON.
+
+No torch here: scripts import this before parsing their arguments."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import pickle
+import re
 import sys
 import tempfile
 import traceback
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 
@@ -102,84 +103,6 @@ def read_json(path: str | os.PathLike) -> Any:
         raise SatError(f"{path}: not valid JSON ({e})") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SatError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
-    """Write atomically: a crash or a full disk mid-write leaves the previous checkpoint intact.
-
-    Raises OSError when the file cannot be written (torch.save reports those as RuntimeError).
-    """
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(checkpoint, tmp)
-        except RuntimeError as e:
-            raise OSError(f"write failed ({str(e).splitlines()[0]}); is the disk full?") from e
-
-
-def export_safetensors(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Weights as safetensors, with the model config, word map and image size as JSON metadata: a file
-    anyone can load without trusting it, and that eval.py and caption.py read like a checkpoint."""
-    from safetensors.torch import save_file
-    tensors = {f"{part}.{name}": t.contiguous() for part in ("encoder", "decoder")
-               for name, t in checkpoint[part].items()}
-    metadata = {"format": "sat", "model_config": json.dumps(checkpoint["model_config"]),
-                "word_map": json.dumps(checkpoint["word_map"]), "image_size": str(checkpoint.get("image_size", 256))}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SatError(f"{path}: not a readable safetensors file ({e})") from None
-    if metadata.get("format") != "sat":
-        raise SatError(f"{path}: a safetensors file without sat's metadata (model_config, word_map)")
-    split = {part: {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith(part + ".")}
-             for part in ("encoder", "decoder")}
-    return {"model_config": json.loads(metadata["model_config"]), "word_map": json.loads(metadata["word_map"]),
-            "image_size": int(metadata["image_size"]), **split}
-
-
-def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
-    """Load a checkpoint (or an exported .safetensors file) without executing code from it (weights_only=True)
-    unless `trust` is set."""
-    path = Path(path)
-    if not path.is_file():
-        raise SatError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    # torch.save writes a zip archive since PyTorch 1.6, and a bare pickle stream (first byte 0x80) before.
-    if not zipfile.is_zipfile(path) and not _starts_with(path, b"\x80"):
-        raise SatError(f"{path}: not a PyTorch checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError:
-        raise SatError(f"{path}: refused: this checkpoint holds pickled Python objects (the old tutorial's "
-                       "format), and loading it could run arbitrary code. Only if you trust its source, "
-                       "pass --trust-checkpoint") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise SatError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
-        raise SatError(f"{path}: not a sat checkpoint (no model_config inside)")
-    return checkpoint
-
-
-def _starts_with(path: Path, prefix: bytes) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(prefix)) == prefix
-
-
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -188,16 +111,10 @@ def non_negative_int(text: str) -> int:
 
 
 def probability(text: str) -> float:
-    value = float(text)
+    """Dropout-like: [0, 1)."""
+    value = finite_float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
     return value
 
 
@@ -206,3 +123,63 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """Above 0 and finite: inf and nan are never a learning rate."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A probability: [0, 1]."""
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def decay_factor(text: str) -> float:
+    """Strictly between 0 and 1: 0 would stop learning, 1 and more would never decay or would grow."""
+    value = finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
+    return value
+
+
+def bounded_int(low: int, high: int):
+    """A parser for whole numbers from low to high."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie between {low} and {high}, got {value}")
+        return value
+    parse.__name__ = f"int from {low} to {high}"
+    return parse
+
+
+def seed_value(text: str) -> int:
+    return bounded_int(0, 2 ** 31 - 1)(text)
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (whether CUDA is there is checked when the device is used)."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")

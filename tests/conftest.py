@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 import datasets  # noqa: E402
 import shapes  # noqa: E402
 import train  # noqa: E402
-from models import ModelConfig  # noqa: E402
+from config import ModelConfig  # noqa: E402
 from utils import read_json  # noqa: E402
 
 # A vocabulary and a decoder config for unit tests on random features (resnet18's 512 channels).

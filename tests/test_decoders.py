@@ -10,11 +10,12 @@ from PIL import Image
 
 import caption
 import eval as evaluate
+import plots
 import train
 from conftest import V, WORD_MAP, random_captions, tiny_config, train_args
 from models import DECODERS, beam_search, decode_tokens
-from train import caption_log_likelihood, loss_terms
-from utils import load_checkpoint
+from trainer import loss_terms
+from checkpoints import load_checkpoint
 
 ATTENDING = ["soft", "hard", "adaptive"]
 
@@ -65,7 +66,7 @@ def test_teacher_forcing_matches_stepwise_decoding(name: str) -> None:
 
 def train_tiny(name: str, steps: int, **kw) -> tuple[torch.nn.Module, list[float], torch.Tensor, torch.Tensor,
                                                     torch.Tensor]:
-    """Train on 4 images with one caption each, the way train.Trainer.train_step combines the losses."""
+    """Train on 4 images with one caption each, the way trainer.Trainer.train_step combines the losses."""
     decoder = tiny_decoder(name, embed_dim=32, attention_dim=32, decoder_dim=64, **kw).train()
     features = torch.randn(4, 9, 512, generator=torch.Generator().manual_seed(2))
     captions, lengths = random_captions(4, 1, 8, torch.Generator().manual_seed(3))
@@ -73,12 +74,13 @@ def train_tiny(name: str, steps: int, **kw) -> tuple[torch.nn.Module, list[float
     losses = []
     for _ in range(steps):
         logits, alphas = decoder(features, captions, lengths)
-        xe, attention, _ = loss_terms(logits, alphas, captions, pad=0)
+        xe, attention, _, log_likelihood = loss_terms(logits, alphas, captions, pad=0)
         loss = xe + attention if decoder.doubly_stochastic else xe
-        loss = loss + decoder.auxiliary_loss(caption_log_likelihood(logits, captions, pad=0))
+        loss = loss + decoder.auxiliary_loss(log_likelihood, float(log_likelihood.mean()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        decoder.end_step(float(log_likelihood.mean()))
         losses.append(float(xe.detach()))
     return decoder.eval(), losses, features, captions, lengths
 
@@ -97,20 +99,46 @@ def test_overfits_a_handful_of_images(name: str) -> None:
 
 @pytest.mark.parametrize("estimator", ["reinforce", "gumbel"])
 def test_hard_attention_learns_where_to_look_from_its_estimator(estimator: str) -> None:
-    """The sampled context has no gradient to alpha: the attention scorer learns only through the estimator."""
-    decoder = tiny_decoder("hard", hard_estimator=estimator).train()
+    """Without the expected-context steps, the sampled context has no gradient to alpha: the attention scorer
+    learns only through the estimator."""
+    decoder = tiny_decoder("hard", hard_estimator=estimator, hard_expectation=0.0).train()
     captions, lengths = random_captions(3, 2, 9, torch.Generator().manual_seed(4))
     logits, alphas = decoder(torch.randn(3, 9, 512), captions, lengths)
-    xe, _, _ = loss_terms(logits, alphas, captions, pad=0)  # no doubly stochastic penalty: its gradient is direct
+    xe, _, _, log_likelihood = loss_terms(logits, alphas, captions, pad=0)  # the penalty's gradient is direct
     scorer = decoder.attention.full_att.weight
     xe.backward(retain_graph=True)
     assert (scorer.grad is None or not scorer.grad.any()) == (estimator == "reinforce")
     decoder.zero_grad()
-    (xe + decoder.auxiliary_loss(caption_log_likelihood(logits, captions, pad=0))).backward()
+    (xe + decoder.auxiliary_loss(log_likelihood, float(log_likelihood.mean()))).backward()
     assert bool(scorer.grad.any())
     if estimator == "reinforce":
-        assert int(decoder.baseline_updates) == 1 and float(decoder.baseline) < 0  # a mean log-likelihood
+        assert int(decoder.baseline_updates) == 0  # auxiliary_loss reads the baseline; end_step moves it
+        decoder.end_step(float(log_likelihood.mean()))
+        assert int(decoder.baseline_updates) == 1 and float(decoder.baseline) == pytest.approx(
+            float(log_likelihood.mean()))
         assert decoder.traces["log_p_s"].shape == (6, int(lengths.max()) - 1)
+
+
+def test_hard_attention_uses_the_expected_context_at_the_given_rate() -> None:
+    """The paper's variance reduction: at rate 1 every step is soft attention's (log p(s) 0 everywhere, the scorer
+    trained by cross-entropy alone); at 0.5 about half the steps sample a location."""
+    captions, lengths = random_captions(8, 5, 12, torch.Generator().manual_seed(4))
+    features = torch.randn(8, 9, 512)
+    always = tiny_decoder("hard", hard_expectation=1.0).train()
+    logits, alphas = always(features, captions, lengths)
+    assert not always.traces["log_p_s"].any()
+    loss_terms(logits, alphas, captions, pad=0)[0].backward()
+    assert bool(always.attention.full_att.weight.grad.any())
+    torch.manual_seed(0)
+    half = tiny_decoder("hard", hard_expectation=0.5).train()
+    half(features, captions, lengths)
+    steps = int((lengths - 1).sum())
+    sampled = int((half.traces["log_p_s"] != 0).sum())
+    assert 0.4 * steps < sampled < 0.6 * steps, (sampled, steps)
+
+
+# A bias on <end> for the deep output layer, whose random word distributions otherwise rarely pick it.
+END_BIAS = {"soft": 3.0, "hard": 3.0}
 
 
 @pytest.mark.parametrize("name", list(DECODERS))
@@ -118,6 +146,7 @@ def test_batched_beam_search_equals_each_image_alone(name: str) -> None:
     decoder = tiny_decoder(name, seed=5, hard_test="argmax").eval()
     with torch.no_grad():
         decoder.fc.weight.mul_(20)  # peaked distributions: beams diverge and end at different steps
+        decoder.fc.bias[WORD_MAP["<end>"]] += END_BIAS.get(name, 0.0)
     generator = torch.Generator().manual_seed(6)
     # Images that differ in their mean feature too, which is all that lstm and rnn see.
     features = torch.randn(6, 9, 512, generator=generator) + 3 * torch.randn(6, 1, 512, generator=generator)
@@ -165,7 +194,7 @@ def test_checkpoint_loads_in_eval_and_caption_by_its_config(name: str, shapes_da
     plot = tmp_path / "captions" / "shapes_000300_attention.png"
     if name in ATTENDING:  # one panel per word (after one epoch, a caption may still be empty)
         words = printed.splitlines()[0].split()
-        assert Image.open(plot).size == caption.attention_figure_size(len(words))
+        assert Image.open(plot).size == plots.attention_figure_size(len(words))
     else:
         assert "no attention" in printed and not plot.exists()
 
@@ -174,16 +203,16 @@ def test_beta_is_plotted_per_word(tmp_path: Path) -> None:
     """The adaptive decoder's plot differs from the plain one only by the beta bars and titles."""
     image = Image.new("RGB", (64, 64), (200, 100, 50))
     alphas = torch.softmax(torch.randn(3, 16), dim=1)
-    caption.plot_attention(image, ["a", "red", "circle"], alphas, tmp_path / "plain.png")
-    caption.plot_attention(image, ["a", "red", "circle"], alphas, tmp_path / "beta.png", torch.tensor([0.9, .1, .2]))
+    plots.plot_attention(image, ["a", "red", "circle"], alphas, tmp_path / "plain.png")
+    plots.plot_attention(image, ["a", "red", "circle"], alphas, tmp_path / "beta.png", torch.tensor([0.9, .1, .2]))
     plain, beta = (Image.open(tmp_path / f"{n}.png") for n in ("plain", "beta"))
-    assert plain.size == beta.size == caption.attention_figure_size(3)
+    assert plain.size == beta.size == plots.attention_figure_size(3)
     assert plain.tobytes() != beta.tobytes()
 
 
 def test_hard_attention_resumes_exactly(shapes_data, tmp_path: Path) -> None:
     """Stopped mid-epoch and resumed: the same weights and REINFORCE baseline as an uninterrupted run."""
-    def trainer(out: Path, *extra: str) -> train.Trainer:
+    def trainer(out: Path, *extra: str) -> trainer.Trainer:
         return train.build_trainer(train.parse_args(train_args(
             shapes_data, out, "--cache-features", "--epochs", "1", "--batch-size", "24", "--decoder-lr", "3e-3",
             "--decoder", "hard", "--val-max-len", "12", *extra)))
@@ -209,12 +238,17 @@ def test_hard_attention_resumes_exactly(shapes_data, tmp_path: Path) -> None:
         assert torch.equal(tensor, expected[name]), name
 
 
-def test_a_non_finite_reward_leaves_the_baseline_alone() -> None:
-    """train.py skips a step whose loss is not finite; the REINFORCE baseline must not move either."""
+def test_only_a_step_taken_moves_the_reinforce_baseline() -> None:
+    """train.py skips a step whose loss is not finite and then does not call end_step: the baseline moves only in
+    end_step, as b <- 0.9 b + 0.1 mean."""
     decoder = tiny_decoder("hard").train()
     captions, lengths = random_captions(2, 2, 6, torch.Generator().manual_seed(7))
     decoder(torch.randn(2, 9, 512), captions, lengths)
-    decoder.auxiliary_loss(torch.full((4,), -3.0))
+    decoder.end_step(-3.0)
     before = decoder.baseline.clone()
-    assert not torch.isfinite(decoder.auxiliary_loss(torch.tensor([-1.0, float("nan"), -2.0, -3.0])))
+    assert not torch.isfinite(decoder.auxiliary_loss(torch.tensor([-1.0, float("nan"), -2.0, -3.0]), float("nan")))
     assert torch.equal(decoder.baseline, before) and int(decoder.baseline_updates) == 1
+    decoder.end_step(-1.0)
+    assert float(decoder.baseline) == pytest.approx(0.9 * -3.0 + 0.1 * -1.0)
+
+

@@ -16,7 +16,7 @@ import torch
 
 import train
 from conftest import train_args
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -12,12 +12,15 @@ import skimage
 import torch
 from PIL import Image
 
-from caption import attention_figure_size
+from plots import attention_figure_size
 from datasets import ImageCaptionsDataset
-from models import DecoderWithAttention, ModelConfig, beam_search, model_from_checkpoint
+from checkpoints import model_from_checkpoint
+from config import ModelConfig
+from models import DecoderWithAttention, beam_search
 import metrics
-from eval import caption_split, texts
-from utils import SatError, load_checkpoint
+from inference import caption_split, texts
+from checkpoints import load_checkpoint
+from utils import SatError
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 12
@@ -25,9 +28,11 @@ WORD_MAP = {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, **{f"w{i}": i for 
 
 
 def random_decoder(end_bias: float, seed: int = 0) -> DecoderWithAttention:
+    """The tutorial's decoder (linear output layer) with random weights; the trained-model test below covers the
+    deep output layer."""
     torch.manual_seed(seed)
     decoder = DecoderWithAttention(ModelConfig(vocab_size=V, encoder="resnet18", embed_dim=8, attention_dim=8,
-                                               decoder_dim=16, dropout=0.0)).eval()
+                                               decoder_dim=16, dropout=0.0, output_layer="linear")).eval()
     with torch.no_grad():
         decoder.fc.weight.mul_(20)  # peaked distributions make beams diverge and end at different steps
         decoder.fc.bias[2] += end_bias
@@ -37,7 +42,8 @@ def random_decoder(end_bias: float, seed: int = 0) -> DecoderWithAttention:
 @torch.no_grad()
 def reference_beam_search(decoder: DecoderWithAttention, features: torch.Tensor, k: int,
                           max_len: int) -> tuple[list[int], float]:
-    """The tutorial's algorithm for one image: finished beams leave, the beam shrinks, best finished wins."""
+    """The tutorial's algorithm for one image: finished beams leave, the beam shrinks, best finished wins. After
+    max_len words a beam can only end or be cut there, with the score of the words it has."""
     memory = decoder.memory(features)  # one image: its rows are however many beams are alive
     state = decoder.init_state(memory, k)
     words = torch.full((k,), 1)
@@ -48,6 +54,12 @@ def reference_beam_search(decoder: DecoderWithAttention, features: torch.Tensor,
         log_probs = torch.log_softmax(logits, dim=1)
         log_probs[:, [0, 1]] = float("-inf")
         V = log_probs.size(1)
+        if t == max_len:
+            ends_and_cuts = torch.cat([scores + log_probs[:, 2], scores])  # the k ends, then the k cuts
+            top_scores, top = ends_and_cuts.topk(k)
+            complete += [(seqs[int(i)], float(v)) for v, i in zip(top_scores, top) if i < k]
+            cuts = [(seqs[int(i) - k], float(v)) for v, i in zip(top_scores, top) if i >= k]
+            return max(complete or cuts, key=lambda c: c[1])
         candidates = (scores.unsqueeze(1) + log_probs).view(-1) if t else log_probs[0]
         top_scores, top = candidates.topk(k)
         beams, next_words = top // V, top % V
@@ -60,9 +72,7 @@ def reference_beam_search(decoder: DecoderWithAttention, features: torch.Tensor,
         seqs = [new_seqs[i] for i in alive]
         scores, words = top_scores[alive], next_words[alive]
         state = {n: v[beams[alive]] for n, v in state.items()}
-    if complete:
-        return max(complete, key=lambda c: c[1])
-    return seqs[int(scores.argmax())][:max_len], float(scores.max())
+    return max(complete, key=lambda c: c[1])
 
 
 @torch.no_grad()

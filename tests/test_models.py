@@ -7,7 +7,7 @@ import torch
 import models
 from conftest import V, WORD_MAP, random_captions, tiny_config
 from models import Attention, CaptionModel, DecoderWithAttention, Encoder, beam_search, decode_tokens
-from train import loss_terms
+from trainer import loss_terms
 from utils import SatError
 
 
@@ -106,17 +106,40 @@ def test_loss_ignores_padding() -> None:
     captions, lengths = random_captions(2, 2, 7, torch.Generator().manual_seed(2))
     T = int(lengths.max()) - 1
     logits, alphas = torch.randn(4, T, V), torch.softmax(torch.randn(4, T, 5), dim=2)
-    xe, att, top5 = loss_terms(logits, alphas, captions, pad=0)
+    xe, att, top5, _ = loss_terms(logits, alphas, captions, pad=0)
     targets = captions.flatten(0, 1)[:, 1:T + 1]
     noisy = logits.clone()
     noisy[targets == 0] = 1000 * torch.randn_like(noisy[targets == 0])
-    xe2, _, top52 = loss_terms(noisy, alphas, captions, pad=0)
+    xe2, _, top52, _ = loss_terms(noisy, alphas, captions, pad=0)
     assert torch.equal(xe, xe2) and torch.equal(top5, top52)
     real = targets != 0
     expected = torch.nn.functional.cross_entropy(logits[real], targets[real])
     torch.testing.assert_close(xe, expected)
     # a perfect attention schedule (each pixel gets total weight 1 over the caption) costs nothing
     assert float(loss_terms(logits, torch.full((4, 5, 5), 0.2), captions, pad=0)[1]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_doubly_stochastic_penalty_is_the_papers_sum_over_pixels() -> None:
+    """Eq. 14: sum_i (1 - sum_t alpha_ti)^2, summed over the P pixels, then averaged over the captions. A caption
+    that looks at pixel 0 only, for 3 words of 4 pixels, misses (1 - 3)^2 + 3 * (1 - 0)^2 = 7."""
+    captions, lengths = random_captions(1, 2, 6, torch.Generator().manual_seed(2))
+    alphas = torch.zeros(2, 3, 4)
+    alphas[0, :, 0] = 1.0  # 3 steps on pixel 0
+    alphas[1] = 0.25  # uniform: each pixel totals 0.75, misses 4 * 0.25^2 = 0.25
+    logits = torch.randn(2, 3, V)
+    assert float(loss_terms(logits, alphas, captions, pad=0)[1]) == pytest.approx((7 + 0.25) / 2)
+
+
+def test_loss_terms_log_likelihood_is_each_captions_summed_log_probability() -> None:
+    captions, lengths = random_captions(2, 2, 7, torch.Generator().manual_seed(5))
+    T = int(lengths.max()) - 1
+    logits = torch.randn(4, T, V)
+    log_likelihood = loss_terms(logits, torch.zeros(4, T, 3), captions, pad=0)[3]
+    log_probs = torch.log_softmax(logits, dim=2)
+    for n, caption in enumerate(captions.flatten(0, 1)):
+        steps = int(lengths.flatten()[n]) - 1
+        expected = sum(float(log_probs[n, t, caption[t + 1]]) for t in range(steps))
+        assert float(log_likelihood[n]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_tiny_model_overfits_a_handful_of_images() -> None:
@@ -129,7 +152,7 @@ def test_tiny_model_overfits_a_handful_of_images() -> None:
     optimizer = torch.optim.Adam(model.decoder.parameters(), lr=3e-3)
     for _ in range(300):
         logits, alphas = model.decoder(features, captions, lengths)
-        xe, att, _ = loss_terms(logits, alphas, captions, pad=0)
+        xe, att, _, _ = loss_terms(logits, alphas, captions, pad=0)
         optimizer.zero_grad()
         (xe + att).backward()
         optimizer.step()

@@ -5,20 +5,24 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 from PIL import Image
 
 import metrics
 from conftest import train_args
-from models import DecoderWithAttention, Encoder, ModelConfig
-from utils import SatError, export_safetensors, load_checkpoint
+from config import ModelConfig
+from models import DecoderWithAttention, Encoder
+from checkpoints import export_safetensors, load_checkpoint
+from utils import SatError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--cache-features", "--batch-size", "16", "--epochs", "2", "--save-every", "4"]  # 15 steps per epoch
@@ -119,7 +123,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(shapes_data, unint
 
 
 def test_non_finite_losses_are_skipped_then_training_stops(shapes_data, tmp_path) -> None:
-    result = script("train.py", *train_args(shapes_data, tmp_path, *FAST), "--alpha-c", "inf", "--max-bad-steps", "3")
+    """A learning rate of 1e30 throws the weights to about 1e30 in one step: every later loss is inf or nan."""
+    result = script("train.py", *train_args(shapes_data, tmp_path, *FAST), "--decoder-lr", "1e30",
+                    "--max-bad-steps", "3")
     assert result.returncode == 2
     assert result.stdout.count("non-finite loss") == 3
     line = error_line(result)
@@ -129,13 +135,25 @@ def test_non_finite_losses_are_skipped_then_training_stops(shapes_data, tmp_path
 
 def test_non_finite_stop_names_the_checkpoint_it_resumed_from_and_stale_temp_files_go(shapes_data, uninterrupted,
                                                                                        tmp_path) -> None:
+    """The data folder, moved elsewhere (its feature caches stay valid: they are keyed on the images' content), with
+    its training features overwritten by inf: every step is non-finite, across more than one epoch."""
     stale = [tmp_path / ".checkpoint_last.pt.abc123.tmp", tmp_path / ".curves.png.def456.tmp"]
     for path in stale:
         path.write_bytes(b"half a file")
-    result = script("train.py", *train_args(shapes_data, tmp_path, *FAST), "--epochs", "3", "--resume",
-                    str(uninterrupted), "--alpha-c", "inf", "--max-bad-steps", "2")
+    data = tmp_path / "moved"
+    shutil.copytree(shapes_data[0], data, ignore=shutil.ignore_patterns("raw"))
+    for cache in data.glob("TRAIN_FEATURES_*.hdf5"):
+        with h5py.File(cache, "r+") as h5:
+            h5["features"][...] = float("inf")
+    result = script("train.py", *train_args((data, shapes_data[1]), tmp_path, *FAST), "--epochs", "30",
+                    "--resume", str(uninterrupted), "--max-bad-steps", "20")  # more steps than an epoch has
     assert result.returncode == 2
-    assert f"the last good checkpoint is {uninterrupted}" in error_line(result)
+    assert result.stdout.count("non-finite loss") == 20 and "caching" not in result.stderr
+    # 15 steps per epoch: the epoch's end saved the (unchanged) weights, and the stop names that file
+    named = Path(error_line(result).split("the last good checkpoint is ")[1])
+    assert named in (uninterrupted, tmp_path / "checkpoint_last.pt")
+    for name, tensor in load_checkpoint(uninterrupted)["decoder"].items():
+        assert torch.equal(load_checkpoint(named)["decoder"][name], tensor), name
     assert not any(path.exists() for path in stale)
 
 
@@ -260,16 +278,17 @@ def bad_inputs(shapes_data, trained_checkpoint, other_data, tmp_path) -> dict[st
         "caption empty folder": (["caption.py", "--img", str(empty), "--checkpoint", ckpt, "--out", out],
                                  "no images in this folder"),
         "caption beam 0": (["caption.py", "--img", str(corrupt), "--checkpoint", ckpt, "--beam-size", "0"],
-                           "must be at least 1"),
+                           "must lie between 1 and"),
         "caption max-len 0": (["caption.py", "--img", str(corrupt), "--checkpoint", ckpt, "--max-len", "0"],
-                              "must be at least 1"),
+                              "must lie between 1 and"),
         "caption not a checkpoint": (["caption.py", "--img", str(corrupt), "--checkpoint", str(not_ckpt)],
                                      "not a PyTorch checkpoint"),
         "eval missing checkpoint": (["eval.py", "--checkpoint", str(tmp_path / "no.pt"), *data, "--out", out],
                                     "checkpoint not found"),
         "eval other dataset": (["eval.py", "--checkpoint", ckpt, "--data-folder", str(other_data[0]), "--data-name",
                                 other_data[1], "--out", out], "trained on other data"),
-        "eval negative beam": (["eval.py", "--checkpoint", ckpt, *data, "--beam-sizes", "-3"], "must be at least 1"),
+        "eval negative beam": (["eval.py", "--checkpoint", ckpt, *data, "--beam-sizes", "-3"],
+                               "must lie between 1 and"),
         "eval unknown metric": (["eval.py", "--checkpoint", ckpt, *data, "--metrics", "bleu,wer", "--out", out],
                                 "unknown metric(s) wer"),
         "eval wrong data name": (["eval.py", "--checkpoint", ckpt, "--data-folder", str(folder), "--data-name", "coco",
@@ -277,7 +296,7 @@ def bad_inputs(shapes_data, trained_checkpoint, other_data, tmp_path) -> dict[st
         "train missing data": (["train.py", "--data-folder", str(tmp_path / "nowhere"), "--checkpoint-dir", out],
                                "file not found"),
         "train negative workers": (["train.py", *data, "--checkpoint-dir", out, "--workers", "-1"],
-                                   "must be 0 or more"),
+                                   "must lie between 0 and"),
         "train dropout over 1": (["train.py", *data, "--checkpoint-dir", out, "--dropout", "1.5"], "[0, 1)"),
         "train negative lr": (["train.py", *data, "--checkpoint-dir", out, "--decoder-lr", "-1"], "must be above 0"),
         "train resume from export": (["train.py", *data, "--checkpoint-dir", out, "--resume", str(exported)],

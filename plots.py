@@ -1,0 +1,91 @@
+"""Figures, written with matplotlib's Agg backend (no display needed): where the model looked for each word, and
+the training curves."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from utils import atomic_path  # noqa: E402
+
+PANEL_INCHES, PANEL_DPI, PANELS_PER_ROW = 2.4, 100, 5
+
+
+def attention_figure_size(n_words: int) -> tuple[int, int]:
+    """Pixel size of the attention plot: one panel for the image, then one per word."""
+    rows = math.ceil((n_words + 1) / PANELS_PER_ROW)
+    return round(PANELS_PER_ROW * PANEL_INCHES * PANEL_DPI), round(rows * PANEL_INCHES * PANEL_DPI)
+
+
+def plot_attention(image: Image.Image, words: list[str], alphas: torch.Tensor, path: Path,
+                   sentinel: torch.Tensor | None = None) -> None:
+    """The image, then for each word the image under its attention map smoothly upsampled to full size.
+
+    With a sentinel (adaptive attention), each word's panel also shows beta, the weight on the visual sentinel:
+    a bar along its bottom edge, full when the word came from the language model alone, empty when from the image.
+    """
+    side = image.size[0]
+    grid = int(round(math.sqrt(alphas.size(1))))
+    maps = F.interpolate(alphas.view(-1, 1, grid, grid).float(), size=(side, side), mode="bicubic",
+                         align_corners=False).clamp(min=0).squeeze(1).numpy()  # (n_words, side, side)
+    width, height = attention_figure_size(len(words))
+    fig = plt.figure(figsize=(width / PANEL_DPI, height / PANEL_DPI), dpi=PANEL_DPI)
+    rows = math.ceil((len(words) + 1) / PANELS_PER_ROW)
+    betas = [None] + (sentinel.tolist() if sentinel is not None else [None] * len(words))
+    for i, (title, heat, beta) in enumerate(zip([""] + words, [None, *maps], betas)):
+        ax = fig.add_subplot(rows, PANELS_PER_ROW, i + 1)
+        ax.imshow(image)
+        if heat is not None:
+            ax.imshow(heat, alpha=0.6, cmap="Greys_r")
+        if beta is not None:
+            _beta_bar(ax, beta)
+            title = f"{title} (β {beta:.2f})"
+        ax.set_title(title, fontsize=11)
+        ax.axis("off")
+    # Margins in inches, not fractions of the figure: a one-row plot has room for its titles as a tall one has.
+    height_inches = height / PANEL_DPI
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.05 / height_inches, top=1 - 0.32 / height_inches,
+                        wspace=0.05, hspace=0.2)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=PANEL_DPI)
+    plt.close(fig)
+
+
+def _beta_bar(ax: plt.Axes, beta: float) -> None:
+    """A bar inside the bottom of a word's panel, filled to beta."""
+    bar = ax.inset_axes((0.04, 0.03, 0.92, 0.08))
+    bar.barh([0], [beta], height=1.0, color="tab:orange")
+    bar.set_xlim(0, 1)
+    bar.set_facecolor((1, 1, 1, 0.7))
+    bar.set_xticks([])
+    bar.set_yticks([])
+
+
+def plot_curves(log_path: Path, png_path: Path) -> None:
+    """Training loss and validation BLEU-4 and CIDEr-D per epoch, from the metrics log."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    trained = [r for r in records if "train_loss" in r]  # SCST logs its starting point without training
+    if any("train_cider" in r for r in trained):
+        ax1.plot([r["epoch"] for r in trained], [r["train_cider"] for r in trained], marker="o")
+        ax1.set(xlabel="epoch", ylabel="CIDEr-D (x100)", title="SCST reward of the sampled captions")
+    else:
+        ax1.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], marker="o")
+        ax1.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
+    ax2.plot(epochs, [r["val_bleu4"] for r in records], marker="o", color="tab:green", label="BLEU-4")
+    ax2.plot(epochs, [r["val_cider"] for r in records], marker="s", color="tab:purple", label="CIDEr-D")
+    ax2.set(xlabel="epoch", ylabel="score (x100)", title="validation, real decoding")
+    ax2.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

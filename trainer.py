@@ -1,0 +1,478 @@
+"""The training loop: cross-entropy with the doubly stochastic attention penalty, or self-critical sequence
+training (SCST); validation by real decoding, early stopping, checkpoints, exact resume, torchrun.
+
+A run has phases, each a (loss, encoder) pair: cross-entropy with the encoder frozen (stage 1), cross-entropy with
+it fine-tuned (stage 2), SCST. `build_trainer` resumes a checkpoint exactly when the phase is the same, and starts
+a new phase from its weights (a new optimizer and schedule, the starting model validated as the score to beat)
+when the command line asks for another one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import distributed
+import metrics
+import scst
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from config import ModelConfig, TrainConfig, defaults, explicit, flag, from_dict
+from datasets import ImageCaptionsDataset, check_word_map, word_map_file
+from devices import autocast_dtype, resolve_device, restore_rng, restore_scaler, rng_state
+from features import cached_features
+from inference import caption_split, encode, texts
+from models import CaptionModel, beam_search
+from plots import plot_curves
+from utils import SatError, read_json
+
+METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in checkpoints so that --resume continues exactly here."""
+    epoch: int = 0
+    batches_done: int = 0  # in the current epoch
+    step: int = 0  # optimizer steps over the whole run
+    best_score: float = -1.0
+    epochs_since_improvement: int = 0
+    loss_sum: float = 0.0  # this epoch's running sums, for the logged averages
+    top5_sum: float = 0.0
+    tokens: int = 0
+    reward_sum: float = 0.0  # SCST: CIDEr-D of the sampled captions
+    samples: int = 0
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Batches of image indices in an order fixed by (seed, epoch), starting after `skip` batches.
+
+    Owning the permutation (instead of a RandomSampler drawing on the global RNG) is what makes a
+    resumed run see exactly the batches an uninterrupted run would.
+
+    With several processes (torchrun) every batch is dealt out: rank r of N takes the batch's images r, r + N,
+    r + 2N, ..., so the N ranks together see exactly the batches one process would, and `skip` counts whole
+    batches, whatever N was when they were trained.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for first in range(self.skip * self.batch_size, self.n, self.batch_size):
+            batch = order[first:first + self.batch_size]
+            # A rank left without an image (the epoch's last batch can be smaller than N) must still step with the
+            # others; it takes the batch's first image, which train_step then weighs zero.
+            share = batch[:1] if self.stand_in(first // self.batch_size) else batch[self.rank::self.world_size]
+            yield share.tolist()
+
+    def stand_in(self, batch: int) -> bool:
+        """Whether this rank's share of batch number `batch` of the epoch is empty, so that it gets a stand-in."""
+        return self.rank >= min(self.batch_size, self.n - batch * self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, -(-self.n // self.batch_size) - self.skip)
+
+
+def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor,
+               pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy over real tokens, the doubly stochastic penalty, the top-5 hits, and log p(caption).
+
+    logits (N, T, V), alphas (N, T, P), captions (B, K, L) with N = B*K. The per-token losses are computed once,
+    on the logits as they are (no gathered copy of the real positions): their mean is the cross-entropy, their sum
+    over each caption its log-likelihood. The penalty is the paper's eq. 14, sum_i (1 - sum_t alpha_ti)^2 summed
+    over the P pixels, averaged over the captions.
+    """
+    targets = captions.flatten(0, 1)[:, 1:logits.size(1) + 1]  # (N, T): the word after each input word
+    mask = targets != pad
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=pad, reduction="none")  # (N, T)
+    xe = nll.sum() / mask.sum().clamp(min=1)
+    penalty = ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+    top5 = ((logits.topk(5, dim=2).indices == targets.unsqueeze(2)).any(dim=2) & mask).float().sum()
+    return xe, penalty, top5, -nll.detach().sum(dim=1)
+
+
+class Trainer:
+    """One phase of training: its model, data, optimizer, progress, and the checkpoints it writes."""
+
+    def __init__(self, tc: TrainConfig, model: CaptionModel, word_map: dict[str, int], device: torch.device):
+        self.tc, self.model, self.word_map, self.device = tc, model, word_map, device
+        self.pad = word_map["<pad>"]
+        self.out = Path(tc.checkpoint_dir)
+        for stale in self.out.glob(".*.tmp"):  # utils.atomic_path's temp files, left by a run killed mid-write
+            stale.unlink(missing_ok=True)  # every rank looks; one of them removes it
+        self.last_saved: Path | None = None  # the newest checkpoint of this run, the one to resume from
+        model.encoder.fine_tune(tc.fine_tune_encoder)
+        if device.type == "cuda":
+            model.encoder.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        # What training calls: under torchrun, DistributedDataParallel wrappers (sharing the model's parameters)
+        # that average the ranks' gradients. Validation's beam search calls the model's own modules.
+        self.encoder = distributed.wrap(model.encoder) if tc.fine_tune_encoder else model.encoder
+        # SCST samples captions step by step rather than calling the decoder's forward: scst.Sampler makes that its
+        # forward, so that DDP syncs its gradients too.
+        self.decoder = distributed.wrap(scst.Sampler(model.decoder) if tc.scst else model.decoder)
+        groups = [{"params": model.decoder.parameters(), "lr": tc.decoder_lr}]
+        if tc.fine_tune_encoder:
+            groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": tc.encoder_lr})
+        self.optimizer = torch.optim.Adam(groups)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.progress = Progress()
+        self.stop_signal: int | None = None
+        self.batch_log_likelihood = 0.0  # mean log p(caption) of the last batch, all ranks, where a decoder needs it
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss
+        use_cache = tc.cache_features and not tc.fine_tune_encoder
+        self.train_set = self._dataset("train", use_cache)
+        self.val_set = self._dataset("val", use_cache)
+        # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
+        self.cider = self._cider() if tc.scst else None
+        self.sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, epoch=0, rank=distributed.rank(),
+                                    world_size=distributed.world_size())
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=tc.workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=tc.workers > 0,
+                                 generator=torch.Generator().manual_seed(tc.seed))
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not self.tc.amp:
+            return None
+        if self.device.type != "cuda":
+            print("note: --amp only applies on CUDA; training in float32")
+            return None
+        return autocast_dtype(self.device)
+
+    def _cider(self) -> scst.CiderD:
+        """The SCST reward, with document frequencies counted once over the training captions."""
+        files = self.train_set.files
+        return scst.CiderD.from_captions(files.captions[:, 1:], files.lengths - 2, files.captions_per_image,
+                                         len(self.word_map)).to(self.device)
+
+    def _dataset(self, split: str, use_cache: bool) -> ImageCaptionsDataset:
+        features = None
+        if use_cache:
+            with distributed.main_first():  # rank 0 builds the cache; the others then find it up to date
+                features = cached_features(self.model.encoder, self.tc.data_folder, self.tc.data_name, split,
+                                           self.device, batch_size=self.tc.batch_size)
+        return ImageCaptionsDataset(self.tc.data_folder, self.tc.data_name, split, features=features)
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {"model_config": self.model.config.to_dict(), "train_config": asdict(self.tc),
+                "word_map": self.word_map, "image_size": self.train_set.files.image_size,
+                "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng_state(self.device), "progress": asdict(self.progress)}
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue exactly where the checkpoint stopped (the learning rates live in the optimizer's state)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_scaler(self.scaler, checkpoint.get("scaler"))
+        self.progress = from_dict(Progress, checkpoint["progress"], "checkpoint")
+        restore_rng(checkpoint["rng"], self.device)
+
+    def save(self, name: str) -> Path:
+        path = self.out / f"checkpoint_{name}.pt"
+        if not distributed.is_main():
+            return path  # the ranks hold the same state: rank 0 writes it
+        try:
+            save_checkpoint(path, self.state())
+        except OSError as e:
+            raise SatError(f"{path}: could not save the checkpoint ({e.strerror or e}); the previous one is "
+                           "intact") from None
+        if name == "last":
+            self.last_saved = path
+        return path
+
+    # ------------------------------------------------------------------------------------------------ training
+    def run(self) -> float:
+        """Train until --epochs or early stopping; returns the best validation score."""
+        tc, p = self.tc, self.progress
+        while p.epoch < tc.epochs and not self.stop_requested():
+            self.train_epoch()
+            if self.stop_requested():
+                break
+            self.end_epoch()
+            if p.epochs_since_improvement >= tc.patience:
+                print(f"early stop: no {METRIC_NAMES[tc.early_stop_metric]} improvement in {tc.patience} epochs")
+                break
+        if self.stop_requested():
+            path = self.save("last")
+            print(f"stopped by signal {self.stop_signal}: saved {path}; continue with --resume {path}")
+        return p.best_score
+
+    def train_epoch(self) -> None:
+        tc, p, model = self.tc, self.progress, self.model
+        model.train()
+        self.sampler.epoch, self.sampler.skip = p.epoch, p.batches_done
+        bar = tqdm(self.loader, desc=f"epoch {p.epoch}", unit="batch", initial=p.batches_done,
+                   total=p.batches_done + len(self.sampler), disable=not distributed.is_main())
+        for inputs, captions, lengths, _ in bar:
+            ok = self.train_step(inputs, captions, lengths)
+            self.bad_steps = 0 if ok else self.bad_steps + 1  # counted across epochs: short epochs must not reset it
+            if self.bad_steps >= tc.max_bad_steps:
+                last = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
+                        else "no checkpoint was written yet")
+                raise SatError(f"training stopped: {self.bad_steps} consecutive steps had a non-finite loss (lower "
+                               f"the learning rate, check --alpha-c, or disable --amp); {last}")
+            p.batches_done += 1
+            bar.set_postfix({name.removeprefix("train_"): f"{value:.3f}" if name == "train_loss" else f"{value:.1f}"
+                             for name, value in self.running_averages().items()})
+            if ok and p.step % tc.save_every == 0:
+                self.save("last")
+            if self.stop_requested():
+                return
+
+    def stop_requested(self) -> bool:
+        """Whether SIGINT or SIGTERM asked to stop. A signal can reach the ranks of a torchrun job at different
+        steps, so they agree on it (any rank's signal stops them all, at the same step)."""
+        if distributed.world_size() == 1:
+            return self.stop_signal is not None
+        signum = int(distributed.max_over_ranks(self.stop_signal or 0))
+        if signum:
+            self.stop_signal = signum
+        return signum > 0
+
+    def train_step(self, inputs: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> bool:
+        """One optimizer step; returns False (and changes nothing) when the loss is not finite."""
+        tc, p = self.tc, self.progress
+        inputs = inputs.to(self.device, non_blocking=True)
+        captions, lengths = captions.to(self.device), lengths.to(self.device)
+        stand_in = self.sampler.stand_in(p.batches_done)  # this rank's share of the batch weighs zero
+        amp = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+            encoder_out = encode(self.encoder, inputs, self.train_set.features is not None)
+            terms, sums = (self.scst_loss if tc.scst else self.xe_loss)(encoder_out, captions, lengths, stand_in)
+            loss = sum(term for term, _ in terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        counts = [0 if stand_in else n for _, n in terms]
+        if stand_in:
+            sums = dict.fromkeys(sums, 0.0)
+        # Counts and sums over the whole batch, of which each rank of a torchrun job holds a share; every rank skips
+        # the step when any rank's loss is not finite, so that their weights never part.
+        *totals, bad = distributed.sum_over_ranks(counts + list(sums.values()) + [float(not torch.isfinite(loss))])
+        if bad:
+            print(f"warning: non-finite loss at step {p.step}; step skipped")
+            return False
+        if distributed.world_size() > 1:
+            # Each term is a mean over this rank's share (of tokens, captions or samples). DDP averages the ranks'
+            # gradients: weighing each mean by the rank's share of the batch's count, times N, makes that average
+            # the gradient of the whole batch's loss, as one process has it.
+            loss = distributed.world_size() * sum(term * (n / total) for (term, _), n, total in zip(terms, counts,
+                                                                                                  totals))
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]], tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        p.step += 1
+        self.model.decoder.end_step(self.batch_log_likelihood)
+        for name, total in zip(sums, totals[len(terms):]):
+            setattr(p, name, getattr(p, name) + type(getattr(p, name))(total))
+        return True
+
+    def xe_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                stand_in: bool) -> tuple[list[tuple[torch.Tensor, int]], dict[str, float]]:
+        """Cross-entropy (a mean over tokens), the doubly stochastic penalty where attention over pixels sums to 1
+        and hard attention's REINFORCE term (each a mean over captions), each with the count it averages over,
+        and this batch's sums for Progress."""
+        decoder = self.model.decoder  # its flags and auxiliary loss; its forward runs through self.decoder (DDP)
+        logits, alphas = self.decoder(encoder_out, captions, lengths)
+        xe, penalty, top5, log_likelihood = loss_terms(logits, alphas, captions, self.pad)
+        n, rows = int((lengths - 1).sum()), logits.size(0)
+        terms = [(xe, n)]
+        if decoder.doubly_stochastic:
+            terms.append((self.tc.alpha_c * penalty, rows))
+        self.batch_log_likelihood = 0.0
+        if decoder.needs_log_likelihood:
+            # The mean over the whole batch (every rank's share), so that every rank moves its baseline alike.
+            total, count = distributed.sum_over_ranks([0.0, 0] if stand_in else [float(log_likelihood.sum()), rows])
+            self.batch_log_likelihood = total / max(count, 1)
+            terms.append((decoder.auxiliary_loss(log_likelihood, self.batch_log_likelihood), rows))
+        return terms, {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5), "tokens": n}
+
+    def scst_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                  stand_in: bool) -> tuple[list[tuple[torch.Tensor, int]], dict[str, float]]:
+        """Self-critical policy gradient: samples rewarded by CIDEr-D against the image's references."""
+        tc, n = self.tc, self.tc.scst_samples
+        B, end, pad = captions.size(0), self.word_map["<end>"], self.pad
+        self.batch_log_likelihood = 0.0
+        tokens, log_probs, mask = self.decoder(encoder_out, self.word_map, n, tc.scst_max_len)  # scst.Sampler
+        with torch.no_grad():
+            refs, ref_lengths = captions[:, :, 1:int(lengths.max()) - 1], lengths - 2  # words only
+            rewards = self.cider(tokens.view(B, n, -1), scst.caption_lengths(tokens, end, pad).view(B, n), refs,
+                                 ref_lengths).flatten()  # (B*n,)
+            if tc.scst_baseline == "mean":
+                base = scst.baseline(rewards, n)
+            else:
+                base = self.greedy_rewards(encoder_out, refs, ref_lengths).repeat_interleave(n)
+        loss = scst.policy_loss(log_probs, mask, rewards - base)
+        n_tokens = int(mask.sum())
+        return [(loss, n_tokens)], {"loss_sum": float(loss.detach()) * n_tokens, "tokens": n_tokens,
+                                    "reward_sum": float(rewards.sum()), "samples": len(rewards)}
+
+    def greedy_rewards(self, encoder_out: torch.Tensor, refs: torch.Tensor, ref_lengths: torch.Tensor) -> torch.Tensor:
+        """CIDEr-D of each image's greedy caption (the baseline of Rennie et al.): (B,)."""
+        decoder = self.model.decoder
+        decoder.eval()
+        greedy = beam_search(decoder, encoder_out.detach(), self.word_map, 1, self.tc.scst_max_len)
+        decoder.train()
+        words = torch.nn.utils.rnn.pad_sequence([torch.tensor(c.tokens + [0], dtype=torch.long) for c in greedy],
+                                                batch_first=True).to(refs.device)
+        greedy_lengths = torch.tensor([len(c.tokens) for c in greedy], device=refs.device)
+        return self.cider(words.unsqueeze(1), greedy_lengths.unsqueeze(1), refs, ref_lengths).squeeze(1)
+
+    def running_averages(self) -> dict[str, float]:
+        """This epoch's averages so far: the loss, and the sampled captions' CIDEr-D (SCST) or top-5 accuracy."""
+        p = self.progress
+        averages = {"train_loss": p.loss_sum / max(p.tokens, 1)}
+        if self.tc.scst:
+            return {**averages, "train_cider": 100 * p.reward_sum / max(p.samples, 1)}
+        return {**averages, "train_top5": 100 * p.top5_sum / max(p.tokens, 1)}
+
+    def validate(self) -> dict[str, float]:
+        """BLEU-1..4 and CIDEr-D of real (beam search) decoding of the validation split."""
+        tc = self.tc
+        # Each rank decodes its share of the images; rank 0 scores all the captions and tells the others.
+        captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
+                                 batch_size=64, device=self.device, progress=distributed.is_main(),
+                                 indices=distributed.shard(len(self.val_set)))[tc.val_beam_size]
+        hypotheses = distributed.gather(texts(captions, self.word_map))
+        return distributed.from_main(
+            lambda: metrics.caption_scores(self.val_set.references, hypotheses, ("bleu", "cider"))[0])
+
+    def start_phase(self, source: str) -> None:
+        """Score the model a new phase starts from (stage 2, SCST): it is the first best checkpoint to beat."""
+        p = self.progress
+        scores = self.validate()
+        p.best_score = scores[self.tc.early_stop_metric]
+        self.save("best")
+        self.log({"epoch": -1, "step": 0, "phase_from": source, **{f"val_{k}": v for k, v in scores.items()},
+                  "time": time.time()})
+        print(f"{self.phase_name()} starts from {source}: val BLEU-4 {scores['bleu4']:.2f}, CIDEr-D "
+              f"{scores['cider']:.2f} (beam {self.tc.val_beam_size})")
+
+    def phase_name(self) -> str:
+        return ("SCST" if self.tc.scst else "cross-entropy") + (", encoder fine-tuned" if self.tc.fine_tune_encoder
+                                                                else "")
+
+    def end_epoch(self) -> None:
+        """Validate by real decoding, keep the best model, decay the LR, log and plot."""
+        tc, p = self.tc, self.progress
+        scores = self.validate()
+        score = scores[tc.early_stop_metric]
+        improved = score > p.best_score
+        p.best_score = max(score, p.best_score)
+        p.epochs_since_improvement = 0 if improved else p.epochs_since_improvement + 1
+        if not improved and p.epochs_since_improvement % tc.lr_decay_patience == 0:
+            # The tutorial's schedule, on the same notion of "improved" as the best checkpoint and early stopping:
+            # decay after every lr_decay_patience epochs without improvement.
+            for group in self.optimizer.param_groups:
+                group["lr"] *= tc.lr_decay_factor
+        learning_rates = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if tc.fine_tune_encoder:
+            learning_rates["encoder_lr"] = self.optimizer.param_groups[1]["lr"]
+        record = {"epoch": p.epoch, "step": p.step, **self.running_averages(),
+                  **{f"val_{k}": v for k, v in scores.items()}, **learning_rates, "time": time.time()}
+        p.epoch, p.batches_done, p.loss_sum, p.top5_sum, p.tokens = p.epoch + 1, 0, 0.0, 0.0, 0
+        p.reward_sum, p.samples = 0.0, 0
+        if improved:
+            self.save("best")
+        self.save("last")
+        self.log(record)
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.3f}, val BLEU-4 {scores['bleu4']:.2f}, "
+              f"CIDEr-D {scores['cider']:.2f} (best {METRIC_NAMES[tc.early_stop_metric]} {p.best_score:.2f}"
+              f"{', saved' if improved else ''})")
+
+    def log(self, record: dict) -> None:
+        if not distributed.is_main():
+            return
+        log_path = self.out / "metrics.jsonl"
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(log_path, self.out / "curves.png")
+
+
+# ---------------------------------------------------------------------------------------------------- phases
+
+def from_args(args: argparse.Namespace) -> Trainer:
+    """The Trainer that train.py's command line (config.train_parser) asks for."""
+    return build_trainer(explicit(args, ModelConfig), explicit(args, TrainConfig), args.resume,
+                         args.trust_checkpoint)
+
+
+def build_trainer(model_options: dict[str, Any], train_options: dict[str, Any], resume: str | None = None,
+                  trust: bool = False) -> Trainer:
+    """A Trainer for the options the command line set (the rest take their defaults), fresh or from `resume`:
+    the same phase continues exactly, another phase starts from the checkpoint's weights."""
+    checkpoint = load_checkpoint(resume, trust=trust) if resume else None
+    tc, new_phase = _train_config(train_options, checkpoint, resume)
+    device = distributed.setup(resolve_device(tc.device))
+    torch.manual_seed(tc.seed)
+    word_map = read_json(word_map_file(tc.data_folder, tc.data_name))
+    if checkpoint is None:
+        model = CaptionModel(ModelConfig(vocab_size=len(word_map), **model_options), tc.encoder_weights)
+    else:
+        _refuse_other_model(model_options, checkpoint, resume)
+        check_word_map(checkpoint["word_map"], tc.data_folder, tc.data_name, resume)
+        model, _ = model_from_checkpoint(checkpoint, resume)
+    trainer = Trainer(tc, model.to(device), word_map, device)
+    if checkpoint is not None and new_phase:
+        trainer.start_phase(resume)  # a new phase: only the weights carry over
+    elif checkpoint is not None:
+        trainer.restore(checkpoint)
+        trainer.last_saved = Path(resume)
+        print(f"resumed from {resume} at epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+    if distributed.rank() > 0:
+        # Every rank draws its own dropout masks; rank 0 continues the stream the checkpoint saved.
+        torch.manual_seed(tc.seed + 1_000_003 * distributed.rank() + trainer.progress.step)
+    return trainer
+
+
+def _train_config(options: dict[str, Any], checkpoint: dict | None, source: str | None) -> tuple[TrainConfig, bool]:
+    """The run's TrainConfig, and whether it starts a new phase from the checkpoint.
+
+    Fresh: the defaults (SCST's own with --scst) under the command line's options. The same phase as the
+    checkpoint's: its saved config, with options that may change between sessions (epochs, patience, workers,
+    device, folders, ...) taken from the command line and a different value of a fixed one refused, because the
+    saved position, optimizer or best score would silently stop meaning what they meant. Another phase: the saved
+    config with the phase's own defaults, then the command line.
+    """
+    if checkpoint is None:
+        if options.get("scst"):
+            raise SatError("--scst fine-tunes a trained model: pass --resume CHECKPOINT (the best cross-entropy one)")
+        return TrainConfig(**{**defaults(TrainConfig), **options}), False
+    if "optimizer" not in checkpoint or "train_config" not in checkpoint:
+        raise SatError(f"{source}: an exported model holds no training state to resume; resume from a "
+                       "checkpoint_*.pt that train.py wrote")
+    saved = from_dict(TrainConfig, checkpoint["train_config"], source)
+    phase = (options.get("scst", saved.scst), options.get("fine_tune_encoder", saved.fine_tune_encoder))
+    if phase != saved.phase():
+        scst_defaults = {f.name: defaults(TrainConfig, scst=phase[0])[f.name] for f in fields(TrainConfig)
+                         if f.metadata["scst_default"] is not None}
+        return replace(saved, **{**scst_defaults, "scst": phase[0], "fine_tune_encoder": phase[1], **options}), True
+    changed = [f.name for f in fields(TrainConfig)
+               if f.metadata["fixed"] and f.name in options and options[f.name] != getattr(saved, f.name)]
+    if changed:
+        was = ", ".join(f"{flag(name)} {getattr(saved, name)}" for name in changed)
+        raise SatError(f"{source}: resuming this run continues it exactly, with its {was}; drop "
+                       f"{'that flag' if len(changed) == 1 else 'those flags'} (or start a new run)")
+    return replace(saved, **options), False
+
+
+def _refuse_other_model(options: dict[str, Any], checkpoint: dict, source: str) -> None:
+    """The model is the checkpoint's: a model flag that asks for another one is refused, not ignored."""
+    saved = checkpoint["model_config"]
+    changed = [name for name, value in options.items() if name in saved and saved[name] != value]
+    if changed:
+        was = ", ".join(f"{flag(name)} {saved[name]}" for name in changed)
+        raise SatError(f"{source}: the model comes from the checkpoint, whose {was}; drop "
+                       f"{'that flag' if len(changed) == 1 else 'those flags'}")
