@@ -212,12 +212,35 @@ class Decoder(nn.Module):
         return self._step(self.embedding(words), state, memory)
 
     def forward(self, encoder_out: torch.Tensor, captions: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing. encoder_out (B, P, C), captions (B, K, L), lengths (B, K) counting <start> and <end>.
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher forcing, for training. encoder_out (B, P, C), captions (B, K, L), lengths (B, K) counting <start>
+        and <end>. Returns, for T = max(lengths) - 1 and in the captions' order: the negative log-likelihood of each
+        target word (B*K, T), whether it was among the 5 most likely (B*K, T), and alphas (B*K, T, alpha_size(P));
+        0 (False) past each caption's end.
 
-        Returns logits (B*K, T, V) and alphas (B*K, T, alpha_size(P)) for T = max(lengths) - 1, in the captions'
-        order; positions past a caption's end are zero.
+        Each step's logits are reduced to these as soon as they exist, so no (B*K, T, V) tensor is kept: the
+        vocabulary-sized memory is the per-step log-softmax that backward needs anyway.
         """
+        targets = captions[:, :, 1:].flatten(0, 1)  # (B*K, L-1): the word after each input word
+
+        def reduce(logits: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            target = targets[rows, t]  # (b*K,)
+            nll = F.cross_entropy(logits.float(), target, reduction="none")
+            return nll, (logits.detach().topk(5, dim=1).indices == target.unsqueeze(1)).any(dim=1)
+
+        (nll, top5), alphas = self._teacher_forcing(encoder_out, captions, lengths, reduce)
+        return nll, top5, alphas
+
+    def teacher_forced_logits(self, encoder_out: torch.Tensor, captions: torch.Tensor,
+                              lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same teacher forcing, keeping the logits (B*K, T, V) and alphas; for inspection and tests."""
+        (logits,), alphas = self._teacher_forcing(encoder_out, captions, lengths, lambda x, _rows, _t: (x,))
+        return logits, alphas
+
+    def _teacher_forcing(self, encoder_out: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                         reduce: Callable) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The loop both share: `reduce(logits (b*K, V), caption rows (b*K,), t)` maps each step's logits to the
+        per-row tensors kept, returned as (B*K, T, ...) in the captions' order, with alphas."""
         B, K, _ = captions.shape
         decode_lengths = lengths - 1  # (B, K)
         # Images sorted by their longest caption: step t runs only on the images that still have a caption
@@ -229,23 +252,27 @@ class Decoder(nn.Module):
         embedded = self.embedding(captions.flatten(0, 1).index_select(0, rows))  # (B*K, L, E)
         state = self.init_state(memory, K)
         T = int(longest[0])
-        # One buffer per output, filled in the captions' own order: each step writes its rows where they belong
-        # (a gather in backward, deterministic), so no sorted copy has to be permuted back at the end.
-        logits = embedded.new_zeros(B * K, T, self.fc.out_features)
+        kept: list[torch.Tensor] | None = None
         alphas = embedded.new_zeros(B * K, T, self.alpha_size(encoder_out.size(1)))
         traces = {name: embedded.new_zeros(B * K, T) for name in self.traced} if self.training else {}
         for t in range(T):
             b = int((longest > t).sum())
             state = {k: v[:b * K] for k, v in state.items()}
-            step_logits, alpha, state = self._step(embedded[:b * K, t], state, {k: v[:b] for k, v in memory.items()})
-            logits[rows[:b * K], t] = step_logits
+            logits, alpha, state = self._step(embedded[:b * K, t], state, {k: v[:b] for k, v in memory.items()})
+            outputs = reduce(logits, rows[:b * K], t)
+            if kept is None:
+                kept = [embedded.new_zeros(B * K, T, *x.shape[1:], dtype=x.dtype) for x in outputs]
+            # Each step writes its rows where they belong: a gather in backward, deterministic.
+            for buffer, x in zip(kept, outputs):
+                buffer[rows[:b * K], t] = x
             alphas[rows[:b * K], t] = alpha
             for name, trace in traces.items():
                 trace[rows[:b * K], t] = state[name]
         # Captions shorter than their image's longest were decoded past their end: zero those positions.
         past_end = torch.arange(T, device=rows.device) >= decode_lengths.flatten().unsqueeze(1)  # (B*K, T)
         self.traces = {name: trace.masked_fill(past_end, 0.0) for name, trace in traces.items()}  # (B*K, T)
-        return logits.masked_fill_(past_end.unsqueeze(2), 0.0), alphas.masked_fill_(past_end.unsqueeze(2), 0.0)
+        kept = [x.masked_fill_(past_end.view(*past_end.shape, *[1] * (x.dim() - 2)), 0) for x in kept]
+        return tuple(kept), alphas.masked_fill_(past_end.unsqueeze(2), 0.0)
 
     needs_log_likelihood = False  # auxiliary_loss reads log p(caption) of the last forward
 

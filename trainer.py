@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -84,22 +83,18 @@ class EpochBatches(Sampler[list[int]]):
         return max(0, -(-self.n // self.batch_size) - self.skip)
 
 
-def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, captions: torch.Tensor,
-               pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy over real tokens, the doubly stochastic penalty, the top-5 hits, and log p(caption).
+def loss_terms(nll: torch.Tensor, top5: torch.Tensor, alphas: torch.Tensor,
+               lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy over real tokens, the doubly stochastic penalty, the top-5 hits, and log p(caption), from a
+    decoder's teacher-forcing outputs: nll and top5 (N, T), alphas (N, T, P), lengths (B, K) with N = B*K.
 
-    logits (N, T, V), alphas (N, T, P), captions (B, K, L) with N = B*K. The per-token losses are computed once,
-    on the logits as they are (no gathered copy of the real positions): their mean is the cross-entropy, their sum
-    over each caption its log-likelihood. The penalty is the paper's eq. 14, sum_i (1 - sum_t alpha_ti)^2 summed
-    over the P pixels, averaged over the captions.
+    The penalty is the paper's eq. 14, sum_i (1 - sum_t alpha_ti)^2 summed over the P pixels, averaged over the
+    captions.
     """
-    targets = captions.flatten(0, 1)[:, 1:logits.size(1) + 1]  # (N, T): the word after each input word
-    mask = targets != pad
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=pad, reduction="none")  # (N, T)
-    xe = nll.sum() / mask.sum().clamp(min=1)
+    tokens = (lengths - 1).sum().clamp(min=1)
+    xe = nll.sum() / tokens
     penalty = ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
-    top5 = ((logits.topk(5, dim=2).indices == targets.unsqueeze(2)).any(dim=2) & mask).float().sum()
-    return xe, penalty, top5, -nll.detach().sum(dim=1)
+    return xe, penalty, top5.sum().float(), -nll.detach().sum(dim=1)
 
 
 class Trainer:
@@ -285,9 +280,9 @@ class Trainer:
         and hard attention's REINFORCE term (each a mean over captions), each with the count it averages over,
         and this batch's sums for Progress."""
         decoder = self.model.decoder  # its flags and auxiliary loss; its forward runs through self.decoder (DDP)
-        logits, alphas = self.decoder(encoder_out, captions, lengths)
-        xe, penalty, top5, log_likelihood = loss_terms(logits, alphas, captions, self.pad)
-        n, rows = int((lengths - 1).sum()), logits.size(0)
+        nll, top5, alphas = self.decoder(encoder_out, captions, lengths)
+        xe, penalty, top5, log_likelihood = loss_terms(nll, top5, alphas, lengths)
+        n, rows = int((lengths - 1).sum()), nll.size(0)
         terms = [(xe, n)]
         if decoder.doubly_stochastic:
             terms.append((self.tc.alpha_c * penalty, rows))

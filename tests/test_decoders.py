@@ -33,7 +33,7 @@ def test_every_decoder_is_registered() -> None:
 def test_output_shapes_and_attention_sums_to_one(name: str) -> None:
     decoder = tiny_decoder(name).train()  # hard attention samples its locations in training
     captions, lengths = random_captions(3, 2, 9, torch.Generator().manual_seed(0))
-    logits, alphas = decoder(torch.randn(3, 9, 512), captions, lengths)
+    logits, alphas = decoder.teacher_forced_logits(torch.randn(3, 9, 512), captions, lengths)
     T, width = int(lengths.max()) - 1, {"adaptive": 10, "lstm": 0, "rnn": 0}.get(name, 9)
     assert logits.shape == (6, T, V) and alphas.shape == (6, T, width)
     for n, steps in enumerate((lengths.flatten() - 1).tolist()):
@@ -53,7 +53,14 @@ def test_teacher_forcing_matches_stepwise_decoding(name: str) -> None:
     decoder = tiny_decoder(name).eval()
     captions, lengths = random_captions(2, 3, 8, torch.Generator().manual_seed(1))
     features = torch.randn(2, 9, 512)
-    logits, alphas = decoder(features, captions, lengths)
+    logits, alphas = decoder.teacher_forced_logits(features, captions, lengths)
+    nll, top5, same_alphas = decoder(features, captions, lengths)
+    torch.testing.assert_close(same_alphas, alphas)
+    targets = captions[:, :, 1:].flatten(0, 1)[:, :logits.size(1)]
+    real = (torch.arange(logits.size(1)) < (lengths.flatten() - 1).unsqueeze(1))
+    log_probs = torch.log_softmax(logits, dim=2).gather(2, targets.unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(nll, -log_probs * real)  # the training forward reduces the same logits
+    assert torch.equal(top5, (logits.topk(5, dim=2).indices == targets.unsqueeze(2)).any(dim=2) & real)
     for b in range(2):
         for k in range(3):
             memory = decoder.memory(features[b:b + 1])
@@ -73,8 +80,7 @@ def train_tiny(name: str, steps: int, **kw) -> tuple[torch.nn.Module, list[float
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     losses = []
     for _ in range(steps):
-        logits, alphas = decoder(features, captions, lengths)
-        xe, attention, _, log_likelihood = loss_terms(logits, alphas, captions, pad=0)
+        xe, attention, _, log_likelihood = loss_terms(*decoder(features, captions, lengths), lengths)
         loss = xe + attention if decoder.doubly_stochastic else xe
         loss = loss + decoder.auxiliary_loss(log_likelihood, float(log_likelihood.mean()))
         optimizer.zero_grad()
@@ -103,8 +109,7 @@ def test_hard_attention_learns_where_to_look_from_its_estimator(estimator: str) 
     learns only through the estimator."""
     decoder = tiny_decoder("hard", hard_estimator=estimator, hard_expectation=0.0).train()
     captions, lengths = random_captions(3, 2, 9, torch.Generator().manual_seed(4))
-    logits, alphas = decoder(torch.randn(3, 9, 512), captions, lengths)
-    xe, _, _, log_likelihood = loss_terms(logits, alphas, captions, pad=0)  # the penalty's gradient is direct
+    xe, _, _, log_likelihood = loss_terms(*decoder(torch.randn(3, 9, 512), captions, lengths), lengths)  # no penalty
     scorer = decoder.attention.full_att.weight
     xe.backward(retain_graph=True)
     assert (scorer.grad is None or not scorer.grad.any()) == (estimator == "reinforce")
@@ -125,9 +130,9 @@ def test_hard_attention_uses_the_expected_context_at_the_given_rate() -> None:
     captions, lengths = random_captions(8, 5, 12, torch.Generator().manual_seed(4))
     features = torch.randn(8, 9, 512)
     always = tiny_decoder("hard", hard_expectation=1.0).train()
-    logits, alphas = always(features, captions, lengths)
+    outputs = always(features, captions, lengths)
     assert not always.traces["log_p_s"].any()
-    loss_terms(logits, alphas, captions, pad=0)[0].backward()
+    loss_terms(*outputs, lengths)[0].backward()
     assert bool(always.attention.full_att.weight.grad.any())
     torch.manual_seed(0)
     half = tiny_decoder("hard", hard_expectation=0.5).train()

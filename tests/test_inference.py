@@ -136,9 +136,24 @@ def test_beam_size_one_is_greedy() -> None:
 def test_no_beam_ends_returns_best_unfinished_sequence() -> None:
     decoder = random_decoder(end_bias=-1e4)
     features = torch.randn(3, 9, 512, generator=torch.Generator().manual_seed(0))
-    for caption in beam_search(decoder, features, WORD_MAP, beam_size=3, max_len=7):
+    for i, caption in enumerate(beam_search(decoder, features, WORD_MAP, beam_size=3, max_len=7)):
         assert not caption.finished
         assert len(caption.tokens) == 7 and all(t >= 3 for t in caption.tokens)
+        # the score is that of exactly the 7 words returned, not of an 8th word that was cut
+        assert caption.score == pytest.approx(words_log_probability(decoder, features[i:i + 1], caption.tokens),
+                                              abs=1e-4)
+
+
+@torch.no_grad()
+def words_log_probability(decoder: DecoderWithAttention, features: torch.Tensor, tokens: list[int]) -> float:
+    """log p of these words, stepping the decoder word by word."""
+    memory = decoder.memory(features)
+    state, word, total = decoder.init_state(memory, 1), torch.tensor([1]), 0.0
+    for token in tokens:
+        logits, _, state = decoder.step(word, state, memory)
+        total += float(torch.log_softmax(logits, dim=1)[0, token])
+        word = torch.tensor([token])
+    return total
 
 
 def test_length_penalty_prefers_longer_finished_captions() -> None:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import scst
 import train
-from conftest import train_args
+from conftest import WORD_MAP, tiny_config, train_args
 from config import ModelConfig
-from models import DecoderWithAttention
+from models import DECODERS, DecoderWithAttention
 from utils import SatError
 
 
@@ -66,7 +66,7 @@ def sequence_log_probs(decoder: DecoderWithAttention, encoder_out: torch.Tensor,
                        mask: torch.Tensor, word_map: dict[str, int]) -> torch.Tensor:
     """log p of each sampled caption by teacher forcing, with <start> and <pad> excluded as in sampling."""
     captions = torch.cat([torch.full((len(tokens), 1), word_map["<start>"]), tokens], dim=1).unsqueeze(0)
-    logits, _ = decoder(encoder_out, captions, (1 + mask.sum(dim=1)).unsqueeze(0))
+    logits, _ = decoder.teacher_forced_logits(encoder_out, captions, (1 + mask.sum(dim=1)).unsqueeze(0))
     logits[:, :, [word_map["<start>"], word_map["<pad>"]]] = float("-inf")
     chosen = F.log_softmax(logits, dim=2).gather(2, tokens[:, :logits.size(1)].unsqueeze(2)).squeeze(2)
     return torch.where(mask[:, :logits.size(1)], chosen, 0.0).sum(dim=1)
@@ -93,6 +93,29 @@ def test_the_policy_gradient_raises_samples_above_the_baseline_and_lowers_the_re
 
 def records(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sampled_captions_hold_at_most_max_len_words() -> None:
+    """A model that never ends: every sample is cut after max_len words, without <end> and without the log-prob of
+    a dropped word."""
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(tiny_config(output_layer="linear"))
+    with torch.no_grad():
+        decoder.fc.bias[WORD_MAP["<end>"]] = -1e4
+    tokens, log_probs, mask = scst.sample(decoder, torch.randn(2, 9, 512), WORD_MAP, 3, max_len=6)
+    assert scst.caption_lengths(tokens, WORD_MAP["<end>"], WORD_MAP["<pad>"]).tolist() == [6] * 6
+    assert mask.sum(dim=1).tolist() == [6] * 6 and bool((log_probs[~mask] == 0).all())
+    assert not bool((tokens == WORD_MAP["<end>"]).any())
+
+
+def test_scst_trains_hard_attention_where_it_samples_locations() -> None:
+    """With REINFORCE hard attention the policy picks words and locations: log p(location) joins the sampled
+    log-probability, so the reward reaches the attention scorer (without it, the scorer's gradient is 0)."""
+    torch.manual_seed(0)
+    decoder = DECODERS["hard"](tiny_config(decoder="hard", hard_expectation=0.0)).train()
+    tokens, log_probs, mask = scst.sample(decoder, torch.randn(2, 9, 512), WORD_MAP, 3, max_len=6)
+    scst.policy_loss(log_probs, mask, torch.randn(6)).backward()
+    assert bool(decoder.attention.full_att.weight.grad.abs().sum() > 0)
 
 
 def test_scst_does_not_lower_validation_cider_and_resumes(shapes_data, trained_checkpoint, tmp_path) -> None:

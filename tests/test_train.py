@@ -121,8 +121,8 @@ def test_cached_features_give_the_loss_of_the_live_encoder(shapes_data, tmp_path
     cached = torch.stack([trainer.train_set[i][0] for i in range(6)]).float()
     decoder = trainer.model.decoder.eval()
     with torch.no_grad():
-        live_loss = loss_terms(*decoder(encoder(images), captions, lengths), captions, 0)[0]
-        cached_loss = loss_terms(*decoder(cached, captions, lengths), captions, 0)[0]
+        live_loss = loss_terms(*decoder(encoder(images), captions, lengths), lengths)[0]
+        cached_loss = loss_terms(*decoder(cached, captions, lengths), lengths)[0]
     assert float(cached_loss) == pytest.approx(float(live_loss), rel=2e-3)
     # reused while nothing changed; rebuilt when the encoder's weights change
     mtime = path.stat().st_mtime_ns
