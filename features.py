@@ -21,7 +21,7 @@ from utils import SatError, atomic_path
 
 def encoder_fingerprint(encoder: Encoder) -> str:
     """A hash of the encoder's name, grid size and every weight."""
-    digest = hashlib.sha256(f"{encoder.name}:{encoder.pool.output_size}".encode())
+    digest = hashlib.sha256(f"{encoder.name}:{encoder.pool.output_size}".encode())  # the stride changes the keys
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -48,7 +48,8 @@ def images_fingerprint(h5_path: Path) -> str:
 
 def feature_file(data_folder: str | Path, data_name: str, split: str, encoder: Encoder) -> Path:
     size = encoder.pool.output_size[0]
-    return Path(data_folder) / f"{split.upper()}_FEATURES_{data_name}_{encoder.name}_{size}x{size}.hdf5"
+    stage = "" if encoder.stride == 32 else f"_stride{encoder.stride}"  # the last map keeps its older name
+    return Path(data_folder) / f"{split.upper()}_FEATURES_{data_name}_{encoder.name}{stage}_{size}x{size}.hdf5"
 
 
 def cached_features(encoder: Encoder, data_folder: str | Path, data_name: str, split: str,

@@ -35,7 +35,7 @@ def _load_state_dict(path: str) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def _resnet(name: str, weights: str) -> nn.Module:
+def _resnet(name: str, weights: str, stride: int) -> nn.Module:
     model = getattr(torchvision.models, name)(weights=None)
     if weights == "default":
         enum = torchvision.models.get_model_weights(name).DEFAULT  # IMAGENET1K_V2 for resnet50/101/152
@@ -48,10 +48,12 @@ def _resnet(name: str, weights: str) -> nn.Module:
         model.load_state_dict(state)
     elif weights != "none":
         model.load_state_dict(_load_state_dict(weights))
-    return nn.Sequential(*list(model.children())[:-2])  # drop the pooling and classification layers
+    # conv1, bn1, relu, maxpool, layer1 (stride 4), layer2 (8), layer3 (16), layer4 (32); then pooling and classifier
+    keep = {32: -2, 16: -3, 8: -4}[stride]
+    return nn.Sequential(*list(model.children())[:keep])
 
 
-def _efficientnet_lite0(weights: str) -> nn.Module:
+def _efficientnet_lite0(weights: str, stride: int) -> nn.Module:
     if importlib.util.find_spec("timm") is None:
         raise SatError("--encoder tf_efficientnet_lite0 needs the 'timm' package (pip install timm)")
     import timm
@@ -71,19 +73,26 @@ def _efficientnet_lite0(weights: str) -> nn.Module:
                 raise SatError(f"{weights}: does not hold tf_efficientnet_lite0 weights")
             source = dict(zip(target, source.values()))
         model.load_state_dict(source)
-    return nn.Sequential(model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2)
+    # blocks 0-6 end at strides 2, 4, 8, 16, 16, 32, 32; the 1x1 head lifts block 6 to 1280 channels
+    if stride == 32:
+        return nn.Sequential(model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2)
+    return nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:{16: 5, 8: 3}[stride]])
 
 
 class Encoder(nn.Module):
     """A pretrained CNN cut before its classifier, pooled to an encoded_size x encoded_size grid."""
 
-    def __init__(self, name: str = "resnet101", encoded_size: int = 14, weights: str = "none"):
+    def __init__(self, name: str = "resnet101", encoded_size: int = 14, weights: str = "none", stride: int = 32):
         super().__init__()
         if name not in ENCODERS:
             raise SatError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
+        if stride not in ENCODER_CHANNELS[name]:
+            raise SatError(f"encoder {name}: no stage at stride {stride} (choose from "
+                           f"{', '.join(map(str, ENCODER_CHANNELS[name]))})")
         mean, std = ENCODERS[name]
-        self.name = name
-        self.backbone = _efficientnet_lite0(weights) if name.startswith("tf_") else _resnet(name, weights)
+        self.name, self.stride = name, stride
+        self.backbone = (_efficientnet_lite0(weights, stride) if name.startswith("tf_")
+                         else _resnet(name, weights, stride))
         self.pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -303,8 +312,10 @@ class DecoderWithAttention(Decoder):
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.dropout = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTMCell(E + C, D)
-        self.init_h = nn.Linear(C, D)  # h0 and c0 from the mean annotation vector
-        self.init_c = nn.Linear(C, D)
+        self.zero_state = cfg.init_state == "zeros"
+        if not self.zero_state:
+            self.init_h = nn.Linear(C, D)  # h0 and c0 from the mean annotation vector
+            self.init_c = nn.Linear(C, D)
         self.f_beta = nn.Linear(D, C)  # the gate on the context
         self.deep = cfg.output_layer == "deep"
         if self.deep:
@@ -319,8 +330,12 @@ class DecoderWithAttention(Decoder):
         return {"features": encoder_out, "projected": self.attention.project(encoder_out)}
 
     def init_state(self, memory: Memory, rows_per_image: int) -> State:
-        """The same initial state for each of an image's rows."""
-        mean = memory["features"].mean(dim=1)  # (B, C)
+        """The same initial state for each of an image's rows: from the mean annotation vector, or zeros."""
+        features = memory["features"]
+        if self.zero_state:
+            zeros = features.new_zeros(len(features) * rows_per_image, self.lstm.hidden_size)
+            return {"h": zeros, "c": zeros}
+        mean = features.mean(dim=1)  # (B, C)
         h, c = self.init_h(mean), self.init_c(mean)  # (B, D)
         return {"h": h.repeat_interleave(rows_per_image, dim=0), "c": c.repeat_interleave(rows_per_image, dim=0)}
 
@@ -535,7 +550,7 @@ class CaptionModel(nn.Module):
         if cfg.decoder not in DECODERS:
             raise SatError(f"unknown decoder '{cfg.decoder}' (choose from {', '.join(DECODERS)})")
         self.config = cfg
-        self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights)
+        self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights, cfg.encoder_stride)
         self.decoder = DECODERS[cfg.decoder](cfg)
 
 
