@@ -61,6 +61,9 @@ class ModelConfig:
     output_layer: str = option("deep", "soft and hard decoders: 'deep' is the paper's deep output layer (eq. 7), "
                                "p(y_t) from L_o(E y_t-1 + L_h h_t + L_z z_t) with the tanh of the authors' code; "
                                "'linear' is the tutorial's fc(dropout(h_t))", choices=("deep", "linear"))
+    coordinates: bool = option(False, "soft, hard and adaptive decoders: append each cell's (x, y) position in the "
+                               "grid to its annotation vector, so that the context says where the model looked "
+                               "(CoordConv; not in the paper)")
     init_state: str = option("mean", "soft and hard decoders: h_0 and c_0 from the mean annotation vector (the "
                              "paper's MLPs), or zeros, so that the LSTM must look to know what the image holds",
                              choices=("mean", "zeros"))
@@ -77,12 +80,18 @@ class ModelConfig:
     def encoder_dim(self) -> int:
         return ENCODER_CHANNELS[self.encoder][self.encoder_stride]
 
+    @property
+    def annotation_dim(self) -> int:
+        """The size of an annotation vector a_i that attention weighs: the encoder's channels, plus x and y."""
+        return self.encoder_dim + 2 * self.coordinates
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # Model options that checkpoints written before they existed lack, with the value those models were trained with.
-LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "encoder_stride": 32, "init_state": "mean"}
+LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "encoder_stride": 32, "init_state": "mean",
+                        "coordinates": False}
 
 DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
     "self-critical sequence training (Rennie et al. 2017)", "run"

@@ -210,6 +210,20 @@ class Decoder(nn.Module):
     def memory(self, encoder_out: torch.Tensor) -> Memory:
         raise NotImplementedError
 
+    coordinates = False  # annotation vectors carry their cell's (x, y)
+
+    def annotations(self, encoder_out: torch.Tensor) -> torch.Tensor:
+        """encoder_out (B, P, C) -> the annotation vectors a_i (B, P, C), with each cell's x and y in [-1, 1]
+        appended (B, P, C + 2) when the model has coordinates."""
+        if not self.coordinates:
+            return encoder_out
+        B, P, _ = encoder_out.shape
+        side = int(round(P ** 0.5))
+        centres = (torch.arange(side, device=encoder_out.device, dtype=encoder_out.dtype) + 0.5) / side * 2 - 1
+        ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+        grid = torch.stack([xs.flatten(), ys.flatten()], dim=1)  # (P, 2), row-major as the features
+        return torch.cat([encoder_out, grid.expand(B, P, 2)], dim=2)
+
     def init_state(self, memory: Memory, rows_per_image: int) -> State:
         raise NotImplementedError
 
@@ -305,7 +319,8 @@ class DecoderWithAttention(Decoder):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
+        C, D, E = cfg.annotation_dim, cfg.decoder_dim, cfg.embed_dim
+        self.coordinates = cfg.coordinates
         if cfg.output_layer not in ("deep", "linear"):
             raise SatError(f"unknown output layer '{cfg.output_layer}' (deep or linear)")
         self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation)
@@ -327,7 +342,8 @@ class DecoderWithAttention(Decoder):
         nn.init.zeros_(self.fc.bias)
 
     def memory(self, encoder_out: torch.Tensor) -> Memory:
-        return {"features": encoder_out, "projected": self.attention.project(encoder_out)}
+        features = self.annotations(encoder_out)
+        return {"features": features, "projected": self.attention.project(features)}
 
     def init_state(self, memory: Memory, rows_per_image: int) -> State:
         """The same initial state for each of an image's rows: from the mean annotation vector, or zeros."""
@@ -448,7 +464,8 @@ class AdaptiveAttentionDecoder(Decoder):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
-        self.image_att = nn.Linear(C, D)  # v_i = ReLU(W_a a_i): annotation vectors in the LSTM's space
+        self.coordinates = cfg.coordinates
+        self.image_att = nn.Linear(cfg.annotation_dim, D)  # v_i = ReLU(W_a a_i): annotation vectors in the LSTM's space
         self.image_global = nn.Linear(C, D)  # v^g = ReLU(W_b a^g) from the mean annotation vector
         self.attention = Attention(D, D, cfg.attention_dim, cfg.attention_activation)
         self.sentinel_att = nn.Linear(D, cfg.attention_dim)  # W_s
@@ -463,7 +480,7 @@ class AdaptiveAttentionDecoder(Decoder):
         nn.init.zeros_(self.fc.bias)
 
     def memory(self, encoder_out: torch.Tensor) -> Memory:
-        v = torch.relu(self.image_att(encoder_out))  # (B, P, D)
+        v = torch.relu(self.image_att(self.annotations(encoder_out)))  # (B, P, D)
         return {"features": v, "projected": self.attention.project(v),
                 "global": torch.relu(self.image_global(encoder_out.mean(dim=1)))}  # (B, D)
 
