@@ -64,6 +64,9 @@ class ModelConfig:
     coordinates: bool = option(False, "soft, hard and adaptive decoders: append each cell's (x, y) position in the "
                                "grid to its annotation vector, so that the context says where the model looked "
                                "(CoordConv; not in the paper)")
+    coverage: bool = option(False, "soft and hard decoders: the attention score also sees how much attention each "
+                            "pixel has had so far (the coverage of See et al. 2017), so the model can learn not to "
+                            "look again at what it has described")
     init_state: str = option("mean", "soft and hard decoders: h_0 and c_0 from the mean annotation vector (the "
                              "paper's MLPs), or zeros, so that the LSTM must look to know what the image holds",
                              choices=("mean", "zeros"))
@@ -91,7 +94,7 @@ class ModelConfig:
 
 # Model options that checkpoints written before they existed lack, with the value those models were trained with.
 LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "encoder_stride": 32, "init_state": "mean",
-                        "coordinates": False}
+                        "coordinates": False, "coverage": False}
 
 DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
     "self-critical sequence training (Rennie et al. 2017)", "run"

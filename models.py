@@ -127,13 +127,20 @@ class Encoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------- decoders
 
 class Attention(nn.Module):
-    """Soft attention: a score per pixel from the encoder and decoder projections, softmaxed over pixels."""
+    """Soft attention: a score per pixel from the encoder and decoder projections, softmaxed over pixels.
 
-    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, activation: str = "relu"):
+    With coverage (See et al. 2017, for the repetition that the doubly stochastic penalty targets in the paper),
+    the score also sees how much attention each pixel has received so far: e_ti = w . f(W_a a_i + W_h h + w_c c_ti),
+    c_t = sum of the earlier alphas, so the model can learn not to look at what it has already described.
+    """
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, activation: str = "relu",
+                 coverage: bool = False):
         super().__init__()
         self.encoder_att = nn.Linear(encoder_dim, attention_dim)
         self.decoder_att = nn.Linear(decoder_dim, attention_dim)
         self.full_att = nn.Linear(attention_dim, 1)
+        self.coverage_att = nn.Linear(1, attention_dim, bias=False) if coverage else None  # w_c
         if activation not in ("relu", "tanh"):
             raise SatError(f"unknown attention activation '{activation}' (relu or tanh)")
         self.activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu if activation == "relu" else torch.tanh
@@ -147,28 +154,36 @@ class Attention(nn.Module):
         """(..., A), the sum of an encoder and a decoder projection -> unnormalised scores (...)."""
         return self.full_att(self.activation(summed)).squeeze(-1)
 
-    def forward(self, encoder_out: torch.Tensor, projected: torch.Tensor,
-                h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, encoder_out: torch.Tensor, projected: torch.Tensor, h: torch.Tensor,
+                coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """encoder_out (B, P, C), projected (B, P, A), h (B*K, D) for K rows (captions or beams) per image,
-        image-major -> context (B*K, C), alpha (B*K, P).
+        image-major, and with coverage the attention received so far (B*K, P) -> context (B*K, C), alpha (B*K, P).
 
         The image tensors are shared by their K rows rather than copied K times: on a CPU, reading the
         features is as costly as the arithmetic.
         """
         B, P, C = encoder_out.shape
         h_att = self.decoder_att(h).view(B, -1, 1, projected.size(2))  # (B, K, 1, A)
-        alpha = torch.softmax(self.pixel_scores(projected, h_att), dim=2)  # (B, K, P)
+        alpha = torch.softmax(self.pixel_scores(projected, h_att, coverage), dim=2)  # (B, K, P)
         context = torch.bmm(alpha, encoder_out)  # (B, K, C)
         return context.view(-1, C), alpha.view(-1, P)
 
-    def pixel_scores(self, projected: torch.Tensor, h_att: torch.Tensor) -> torch.Tensor:
-        """Unnormalised scores of every pixel for each of an image's K rows: (B, P, A), (B, K, 1, A) -> (B, K, P)."""
+    def pixel_scores(self, projected: torch.Tensor, h_att: torch.Tensor,
+                     coverage: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised scores of every pixel for each of an image's K rows: (B, P, A), (B, K, 1, A) and coverage
+        (B*K, P) -> (B, K, P)."""
+        seen = None
+        if self.coverage_att is not None:
+            B, K, P = len(projected), h_att.size(1), projected.size(1)
+            seen = coverage.view(B, K, P, 1) * self.coverage_att.weight.view(1, 1, 1, -1)  # (B, K, P, A)
         if torch.is_grad_enabled() or projected.device.type != "cpu":
-            return self.score(projected.unsqueeze(1) + h_att)
-        return self._scores_in_chunks(projected, h_att)
+            summed = projected.unsqueeze(1) + h_att
+            return self.score(summed if seen is None else summed + seen)
+        return self._scores_in_chunks(projected, h_att, seen)
 
-    def _scores_in_chunks(self, projected: torch.Tensor, h_att: torch.Tensor) -> torch.Tensor:
-        """The same scores, a few images at a time: (B, P, A), (B, K, 1, A) -> (B, K, P).
+    def _scores_in_chunks(self, projected: torch.Tensor, h_att: torch.Tensor,
+                          seen: torch.Tensor | None) -> torch.Tensor:
+        """The same scores, a few images at a time: (B, P, A), (B, K, 1, A), (B, K, P, A) or None -> (B, K, P).
 
         Decoding on a CPU spends most of its time building the (B, K, P, A) tensor, and is bound by memory
         traffic: built whole it goes through RAM three times (add, activation, projection to a score), built
@@ -177,8 +192,12 @@ class Attention(nn.Module):
         B, K, P, A = *projected.shape[:1], h_att.size(1), *projected.shape[1:]
         images = max(1, CHUNK_BYTES // (K * P * A * projected.element_size()))
         w = self.full_att.weight.t()  # (A, 1)
-        chunks = [self.activation_(projected[i:i + images].unsqueeze(1) + h_att[i:i + images]) @ w
-                  for i in range(0, B, images)]  # (b, K, P, 1) each
+        chunks = []
+        for i in range(0, B, images):
+            summed = projected[i:i + images].unsqueeze(1) + h_att[i:i + images]  # (b, K, P, A)
+            if seen is not None:
+                summed += seen[i:i + images]
+            chunks.append(self.activation_(summed) @ w)  # (b, K, P, 1)
         return torch.cat(chunks).squeeze(3) + self.full_att.bias
 
 
@@ -323,7 +342,7 @@ class DecoderWithAttention(Decoder):
         self.coordinates = cfg.coordinates
         if cfg.output_layer not in ("deep", "linear"):
             raise SatError(f"unknown output layer '{cfg.output_layer}' (deep or linear)")
-        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation)
+        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation, cfg.coverage)
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.dropout = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTMCell(E + C, D)
@@ -348,15 +367,18 @@ class DecoderWithAttention(Decoder):
     def init_state(self, memory: Memory, rows_per_image: int) -> State:
         """The same initial state for each of an image's rows: from the mean annotation vector, or zeros."""
         features = memory["features"]
+        rows = len(features) * rows_per_image
+        coverage = {"coverage": features.new_zeros(rows, features.size(1))} if self.attention.coverage_att else {}
         if self.zero_state:
-            zeros = features.new_zeros(len(features) * rows_per_image, self.lstm.hidden_size)
-            return {"h": zeros, "c": zeros}
+            zeros = features.new_zeros(rows, self.lstm.hidden_size)
+            return {"h": zeros, "c": zeros, **coverage}
         mean = features.mean(dim=1)  # (B, C)
         h, c = self.init_h(mean), self.init_c(mean)  # (B, D)
-        return {"h": h.repeat_interleave(rows_per_image, dim=0), "c": c.repeat_interleave(rows_per_image, dim=0)}
+        return {"h": h.repeat_interleave(rows_per_image, dim=0), "c": c.repeat_interleave(rows_per_image, dim=0),
+                **coverage}
 
     def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
-        context, alpha = self.attention(memory["features"], memory["projected"], state["h"])
+        context, alpha = self.attention(memory["features"], memory["projected"], state["h"], state.get("coverage"))
         return self._decode(embedded, context, alpha, state)
 
     def _decode(self, embedded: torch.Tensor, context: torch.Tensor, alpha: torch.Tensor,
@@ -365,10 +387,13 @@ class DecoderWithAttention(Decoder):
         gate = torch.sigmoid(self.f_beta(state["h"]))  # (B*K, C)
         z = gate * context
         h, c = self.lstm(torch.cat([embedded, z], dim=1), (state["h"], state["c"]))
+        new_state = {"h": h, "c": c}
+        if "coverage" in state:
+            new_state["coverage"] = state["coverage"] + alpha
         if not self.deep:
-            return self.fc(self.dropout(h)), alpha, {"h": h, "c": c}
+            return self.fc(self.dropout(h)), alpha, new_state
         out = torch.tanh(embedded + self.out_h(self.dropout(h)) + self.out_z(z))  # (B*K, E)
-        return self.fc(self.dropout(out)), alpha, {"h": h, "c": c}
+        return self.fc(self.dropout(out)), alpha, new_state
 
 
 class HardAttentionDecoder(DecoderWithAttention):
@@ -399,7 +424,8 @@ class HardAttentionDecoder(DecoderWithAttention):
 
     def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
         features = memory["features"]
-        expected, alpha = self.attention(features, memory["projected"], state["h"])  # (B*K, C), (B*K, P)
+        expected, alpha = self.attention(features, memory["projected"], state["h"],
+                                         state.get("coverage"))  # (B*K, C), (B*K, P)
         if not self.training:
             if self.test_context == "expectation":
                 return self._decode(embedded, expected, alpha, state)
