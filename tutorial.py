@@ -233,31 +233,8 @@ def from_tutorial(checkpoint: Any, word_map: dict[str, int], source: str, image_
         raise SatError(f"{source}: not a checkpoint of the tutorial (a dict holding its Encoder as 'encoder' and its "
                        "DecoderWithAttention as 'decoder')")
     encoder, decoder = checkpoint["encoder"], checkpoint["decoder"]
-    attention = _child(decoder, "attention", "Attention", source)
-    _child(attention, "relu", "ReLU", source)  # the attention MLP's nonlinearity
-    _child(decoder, "decode_step", "LSTMCell", source)
-    pool = _child(encoder, "adaptive_pool", "AdaptiveAvgPool2d", source)
     enc, dec = state_dict(encoder, source), state_dict(decoder, source)
-    name = resnet_name(enc)
-    if name is None:
-        raise SatError(f"{source}: its encoder is not one of torchvision's ResNet-18/34/50/101/152")
-    shapes = {k: tuple(v.shape) for k, v in dec.items()}
-    for key in ("embedding.weight", "attention.encoder_att.weight", "init_h.weight", "fc.weight"):
-        if len(shapes.get(key, ())) != 2:
-            raise SatError(f"{source}: its decoder has no 2-d '{key}': not the tutorial's DecoderWithAttention")
-    vocab_size, embed_dim = shapes["embedding.weight"]
-    if len(word_map) != vocab_size:
-        raise SatError(f"{source}: its decoder has {vocab_size} words, the word map {len(word_map)}: not the "
-                       "word map it was trained with")
-    if shapes["init_h.weight"][1] != ENCODER_CHANNELS[name]:
-        raise SatError(f"{source}: its decoder reads {shapes['init_h.weight'][1]} channels, its {name} encoder "
-                       f"gives {ENCODER_CHANNELS[name]}")
-    values = {"vocab_size": vocab_size, "encoder": name, "encoded_size": _pooled_size(pool, source),
-              "decoder": "soft", "embed_dim": embed_dim, "attention_dim": shapes["attention.encoder_att.weight"][0],
-              "decoder_dim": shapes["init_h.weight"][0],
-              "dropout": _child(decoder, "dropout", "Dropout", source).attrs.get("p"),
-              "attention_activation": "relu", "output_layer": "linear"}
-    cfg = from_dict(ModelConfig, values, source)  # each value checked as train.py's flag would check it
+    cfg = _model_config(encoder, decoder, enc, dec, len(word_map), source)
     converted = {"model_config": cfg.to_dict(), "word_map": word_map, "image_size": image_size,
                  "encoder": {"backbone." + k.removeprefix("resnet."): v for k, v in enc.items()},
                  "decoder": {k.replace("decode_step.", "lstm.", 1) if k.startswith("decode_step.") else k: v
@@ -266,6 +243,35 @@ def from_tutorial(checkpoint: Any, word_map: dict[str, int], source: str, image_
     # of PyTorch 0.4.0, which had no num_batches_tracked yet, gets sat's zero).
     model, _ = model_from_checkpoint(converted, source)
     return {**converted, "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict()}
+
+
+def _model_config(encoder: StandIn, decoder: StandIn, enc: dict[str, Any], dec: dict[str, Any], words: int,
+                  source: str) -> ModelConfig:
+    """The ModelConfig under which sat computes what the tutorial's modules computed: their layout checked,
+    their sizes read from the tensors' shapes."""
+    _child(_child(decoder, "attention", "Attention", source), "relu", "ReLU", source)  # its nonlinearity
+    _child(decoder, "decode_step", "LSTMCell", source)
+    name = resnet_name(enc)
+    if name is None:
+        raise SatError(f"{source}: its encoder is not one of torchvision's ResNet-18/34/50/101/152")
+    shapes = {k: tuple(v.shape) for k, v in dec.items()}
+    for key in ("embedding.weight", "attention.encoder_att.weight", "init_h.weight"):
+        if len(shapes.get(key, ())) != 2:
+            raise SatError(f"{source}: its decoder has no 2-d '{key}': not the tutorial's DecoderWithAttention")
+    vocab_size, embed_dim = shapes["embedding.weight"]
+    if words != vocab_size:
+        raise SatError(f"{source}: its decoder has {vocab_size} words, the word map {words}: not the word map it "
+                       "was trained with")
+    if shapes["init_h.weight"][1] != ENCODER_CHANNELS[name]:
+        raise SatError(f"{source}: its decoder reads {shapes['init_h.weight'][1]} channels, its {name} encoder "
+                       f"gives {ENCODER_CHANNELS[name]}")
+    values = {"vocab_size": vocab_size, "encoder": name,
+              "encoded_size": _pooled_size(_child(encoder, "adaptive_pool", "AdaptiveAvgPool2d", source), source),
+              "decoder": "soft", "embed_dim": embed_dim, "attention_dim": shapes["attention.encoder_att.weight"][0],
+              "decoder_dim": shapes["init_h.weight"][0],
+              "dropout": _child(decoder, "dropout", "Dropout", source).attrs.get("p"),
+              "attention_activation": "relu", "output_layer": "linear"}
+    return from_dict(ModelConfig, values, source)  # each value checked as train.py's flag would check it
 
 
 def _pooled_size(pool: StandIn, source: str) -> Any:
@@ -279,8 +285,10 @@ def _pooled_size(pool: StandIn, source: str) -> Any:
 
 def convert(checkpoint_path: str | os.PathLike, word_map_path: str | os.PathLike, out: str | os.PathLike,
             safetensors: str | os.PathLike | None = None, image_size: int = IMAGE_SIZE) -> dict:
-    """Read a tutorial checkpoint and its word map, write the sat checkpoint `out` (and a safetensors export);
-    returns the sat checkpoint."""
+    """Read a tutorial checkpoint and its word map, write the sat checkpoint `out` (and a safetensors export).
+
+    Returns the sat checkpoint, plus under 'tutorial' the epoch, epochs_since_improvement and bleu-4 the tutorial
+    saved (for the user to see; not written)."""
     for target in (out, safetensors):
         if target is not None and Path(target).resolve() == Path(checkpoint_path).resolve():
             raise SatError(f"{target}: is the checkpoint being converted; write the result elsewhere")
