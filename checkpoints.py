@@ -65,8 +65,8 @@ def _load_safetensors(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
-    """Load a checkpoint (or an exported .safetensors file) without executing code from it (weights_only=True)
-    unless `trust` is set."""
+    """Load a checkpoint (or an exported .safetensors file) without executing code from it: weights_only=True,
+    or with `trust` for a file of pickled objects, the allow-list of tutorial.py (still no code of the file's)."""
     path = Path(path)
     if not path.is_file():
         raise SatError(f"{path}: checkpoint not found")
@@ -76,11 +76,15 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     if not zipfile.is_zipfile(path) and not _starts_with(path, b"\x80"):
         raise SatError(f"{path}: not a PyTorch checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise SatError(f"{path}: refused: this checkpoint holds pickled Python objects (the old tutorial's "
-                       "format), and loading it could run arbitrary code. Only if you trust its source, "
-                       "pass --trust-checkpoint") from None
+        if not trust:
+            raise SatError(f"{path}: refused: this checkpoint holds pickled Python objects (the old tutorial's "
+                           "format), and unpickling them could run arbitrary code. A tutorial checkpoint converts "
+                           "once with convert_tutorial.py --trust-checkpoint (README: Coming from the tutorial)") \
+                from None
+        from tutorial import load_trusted  # here, not at the top: tutorial.py builds on this module
+        checkpoint = load_trusted(path)
     except (RuntimeError, EOFError, ValueError) as e:
         raise SatError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:

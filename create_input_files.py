@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "fewer (default: 5)")
     p.add_argument("--min-word-freq", type=positive_int, default=5,
                    help="training words seen fewer times become <unk> (default: 5)")
+    p.add_argument("--word-map", metavar="WORDMAP.json",
+                   help="encode the captions with this word map instead of building one from the training "
+                        "captions, e.g. the old tutorial's WORDMAP_*.json, so that a model converted with "
+                        "convert_tutorial.py can be scored on the outputs; words it lacks become <unk> "
+                        "(default: build one)")
     p.add_argument("--max-len", type=positive_int, default=50,
                    help="captions longer than this many words are dropped (default: 50)")
     p.add_argument("--image-size", type=positive_int, default=256, help="images are resized to S x S (default: 256)")
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import shapes
-    from datasets import create_input_files, read_csv_folder, read_karpathy
+    from datasets import create_input_files, read_csv_folder, read_karpathy, read_word_map
+    word_map = read_word_map(args.word_map) if args.word_map else None  # a bad one stops us before any work
     boxes = None
     if args.dataset == "shapes":
         raw = Path(args.image_folder or Path(args.output_folder) / "shapes_raw")
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     data_name = create_input_files(records, args.dataset, args.output_folder, args.captions_per_image,
                                    args.min_word_freq, args.max_len, args.image_size, args.seed,
                                    args.skip_bad_images, args.overwrite, args.workers, args.max_image_pixels,
-                                   boxes, str(source))
+                                   boxes, str(source), word_map)
     print(f"wrote {args.output_folder}/*_{data_name}.* (use --data-folder {args.output_folder} "
           f"--data-name {data_name})")
 

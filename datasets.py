@@ -60,6 +60,25 @@ def word_map_file(data_folder: str | os.PathLike, data_name: str) -> Path:
     return Path(data_folder) / f"WORDMAP_{data_name}.json"
 
 
+def read_word_map(path: str | os.PathLike) -> dict[str, int]:
+    """A word map from a file (sat's or the old tutorial's WORDMAP_*.json), checked: every index from 0 to n-1
+    exactly once, the special tokens present and <pad> = 0 (the padding value of captions and losses)."""
+    word_map = read_json(path)
+    if not isinstance(word_map, dict) or not all(isinstance(w, str) for w in word_map):
+        raise SatError(f"{path}: not a word map (a JSON object of word -> index)")
+    bad = [w for w, i in word_map.items() if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:
+        raise SatError(f"{path}: the index of '{bad[0]}' is {word_map[bad[0]]!r}, not a whole number")
+    if sorted(word_map.values()) != list(range(len(word_map))):
+        raise SatError(f"{path}: its indices are not 0 to {len(word_map) - 1}, each used once")
+    missing = [t for t in SPECIAL_TOKENS if t not in word_map]
+    if missing:
+        raise SatError(f"{path}: no {', '.join(missing)} in this word map")
+    if word_map["<pad>"] != 0:
+        raise SatError(f"{path}: <pad> is {word_map['<pad>']}, and sat pads with 0")
+    return word_map
+
+
 def check_word_map(model_word_map: dict[str, int], data_folder: str | os.PathLike, data_name: str,
                    source: str) -> None:
     """A model can only be trained or scored on data with its own word map."""
@@ -210,8 +229,11 @@ def create_input_files(records: list[Record], dataset: str, output_folder: str |
                        captions_per_image: int = 5, min_word_freq: int = 5, max_len: int = 50,
                        image_size: int = 256, seed: int = 0, skip_bad_images: bool = False,
                        overwrite: bool = False, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       boxes: dict | None = None, source: str = "") -> str:
+                       boxes: dict | None = None, source: str = "", word_map: dict[str, int] | None = None) -> str:
     """Write the HDF5 + JSON files for every split and return the base name they share.
+
+    `word_map` (e.g. the old tutorial's, so that a converted tutorial model scores on these files) replaces the
+    vocabulary built from the training captions; words it lacks become <unk>.
 
     Nothing appears under the final names unless every file was written: all outputs go to temporary
     files that are renamed together at the end.
@@ -228,7 +250,7 @@ def create_input_files(records: list[Record], dataset: str, output_folder: str |
         raise SatError(f"{existing[0]}: already exists (pass --overwrite to replace the outputs)")
     out.mkdir(parents=True, exist_ok=True)
 
-    word_map = build_word_map(records, min_word_freq)
+    word_map = word_map or build_word_map(records, min_word_freq)
     rng = random.Random(seed)
     with ExitStack() as stack:
         tmp = {p: stack.enter_context(atomic_path(p)) for p in outputs}

@@ -48,8 +48,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a checkpoint that holds pickled Python objects (the old tutorial's format); "
-                             "loading one can run any code, so only for files you trust (default: off)")
+                        help="allow a checkpoint that holds pickled Python objects (the old tutorial's format), "
+                             "unpickled through an allow-list: the tutorial's model classes, tensors and "
+                             "containers, never a function that could run code; only for files you trust "
+                             "(default: off)")
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -217,7 +217,7 @@ def test_pickled_tutorial_checkpoints_are_refused(shapes_data, tutorial_checkpoi
     result = script(*args[command])
     assert result.returncode == 2
     line = error_line(result)
-    assert "arbitrary code" in line and "--trust-checkpoint" in line
+    assert "arbitrary code" in line and "convert_tutorial.py --trust-checkpoint" in line
     assert not (tmp_path / "out").exists()
 
 
