@@ -262,14 +262,17 @@ def _model_config(encoder: StandIn, decoder: StandIn, enc: dict[str, Any], dec: 
     if words != vocab_size:
         raise SatError(f"{source}: its decoder has {vocab_size} words, the word map {words}: not the word map it "
                        "was trained with")
-    if shapes["init_h.weight"][1] != ENCODER_CHANNELS[name]:
+    if shapes["init_h.weight"][1] != ENCODER_CHANNELS[name][32]:
         raise SatError(f"{source}: its decoder reads {shapes['init_h.weight'][1]} channels, its {name} encoder "
-                       f"gives {ENCODER_CHANNELS[name]}")
+                       f"gives {ENCODER_CHANNELS[name][32]}")
     values = {"vocab_size": vocab_size, "encoder": name,
               "encoded_size": _pooled_size(_child(encoder, "adaptive_pool", "AdaptiveAvgPool2d", source), source),
               "decoder": "soft", "embed_dim": embed_dim, "attention_dim": shapes["attention.encoder_att.weight"][0],
               "decoder_dim": shapes["init_h.weight"][0],
               "dropout": _child(decoder, "dropout", "Dropout", source).attrs.get("p"),
+              # what the tutorial computes, whatever sat's defaults: its last ResNet stage, h0/c0 from the mean
+              # annotation vector, plain attention, the linear output layer
+              "encoder_stride": 32, "init_state": "mean", "coverage": False, "coordinates": False,
               "attention_activation": "relu", "output_layer": "linear"}
     return from_dict(ModelConfig, values, source)  # each value checked as train.py's flag would check it
 
