@@ -128,6 +128,9 @@ class TrainConfig:
     alpha_c: float = option(1.0, "weight lambda of the doubly stochastic attention penalty, summed over pixels as "
                             "in the paper's eq. 14 (the tutorial's mean over pixels is lambda / P)",
                             parse=non_negative_float, group=OPT, fixed=True)
+    hard_entropy: float = option(0.01, "hard attention (REINFORCE): weight lambda_e of the entropy bonus on the "
+                                 "attention, which keeps exploring locations (eq. 12)", parse=non_negative_float,
+                                 group=OPT, fixed=True)
     grad_clip: float = option(5.0, "clip the gradient norm to this", parse=positive_float, group=OPT, fixed=True)
     lr_decay_patience: int = option(8, "decay the learning rates after this many epochs without improvement",
                                     parse=bounded_int(1, 100_000), group=OPT, fixed=True)

@@ -318,7 +318,8 @@ class Decoder(nn.Module):
 
     needs_log_likelihood = False  # auxiliary_loss reads log p(caption) of the last forward
 
-    def auxiliary_loss(self, log_likelihood: torch.Tensor, batch_mean: float) -> torch.Tensor | float:
+    def auxiliary_loss(self, log_likelihood: torch.Tensor, batch_mean: float,
+                       entropy_weight: float = 0.01) -> torch.Tensor | float:
         """A training loss beyond cross-entropy, given log p(caption) (B*K,) of the last forward and its mean over
         the whole batch (all ranks of a torchrun job); none here."""
         return 0.0
@@ -407,7 +408,6 @@ class HardAttentionDecoder(DecoderWithAttention):
 
     baseline_decay = 0.9  # b <- 0.9 b + 0.1 log p(y|s), as in the paper
     lambda_r = 1.0  # weight of the REINFORCE term
-    lambda_e = 0.01  # weight of the entropy bonus, which keeps exploring locations
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -455,15 +455,17 @@ class HardAttentionDecoder(DecoderWithAttention):
         image = torch.arange(len(s), device=s.device) // (len(s) // features.size(0))
         return features[image, s]
 
-    def auxiliary_loss(self, log_likelihood: torch.Tensor, batch_mean: float) -> torch.Tensor | float:
+    def auxiliary_loss(self, log_likelihood: torch.Tensor, batch_mean: float,
+                       entropy_weight: float = 0.01) -> torch.Tensor | float:
         """REINFORCE with log p(y|s) (B*K,) as the reward and the moving average b as its baseline (the batch's
-        mean before the first step); 0 for the Gumbel estimator and outside training."""
+        mean before the first step), plus entropy_weight (lambda_e) times the attention's entropy; 0 for the Gumbel
+        estimator and outside training."""
         if not self.training or self.estimator != "reinforce":
             return 0.0
         reward = log_likelihood.detach()
         b = self.baseline.clone() if int(self.baseline_updates) else torch.tensor(batch_mean, device=reward.device)
         log_p_s, entropy = self.traces["log_p_s"].sum(dim=1), self.traces["entropy"].sum(dim=1)  # (B*K,)
-        return -(self.lambda_r * (reward - b) * log_p_s + self.lambda_e * entropy).mean()
+        return -(self.lambda_r * (reward - b) * log_p_s + entropy_weight * entropy).mean()
 
     def end_step(self, batch_mean: float) -> None:
         """After a step that was taken: b <- 0.9 b + 0.1 mean log p(y|s) over the whole batch. Every rank of a

@@ -291,7 +291,8 @@ class Trainer:
             # The mean over the whole batch (every rank's share), so that every rank moves its baseline alike.
             total, count = distributed.sum_over_ranks([0.0, 0] if stand_in else [float(log_likelihood.sum()), rows])
             self.batch_log_likelihood = total / max(count, 1)
-            terms.append((decoder.auxiliary_loss(log_likelihood, self.batch_log_likelihood), rows))
+            aux = decoder.auxiliary_loss(log_likelihood, self.batch_log_likelihood, self.tc.hard_entropy)
+            terms.append((aux, rows))
         return terms, {"loss_sum": float(xe.detach()) * n, "top5_sum": float(top5), "tokens": n}
 
     def scst_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,

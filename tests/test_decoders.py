@@ -124,6 +124,19 @@ def test_hard_attention_learns_where_to_look_from_its_estimator(estimator: str) 
         assert decoder.traces["log_p_s"].shape == (6, int(lengths.max()) - 1)
 
 
+def test_hard_attention_entropy_bonus_weighs_the_attention_entropy() -> None:
+    """lambda_e (--hard-entropy) adds -lambda_e times the mean over captions of the entropy summed over their
+    words; at 0 only the REINFORCE term is left."""
+    decoder = tiny_decoder("hard", hard_expectation=0.0).train()
+    captions, lengths = random_captions(3, 2, 9, torch.Generator().manual_seed(5))
+    nll, top5, alphas = decoder(torch.randn(3, 9, 512), captions, lengths)
+    log_likelihood = loss_terms(nll, top5, alphas, lengths)[3]
+    entropy = -(alphas * torch.log(alphas + 1e-12)).sum(dim=(1, 2))  # (B*K,): steps past a caption's end are 0
+    base = decoder.auxiliary_loss(log_likelihood, -3.0, 0.0)
+    assert float(decoder.auxiliary_loss(log_likelihood, -3.0, 0.5) - base) == pytest.approx(
+        -0.5 * float(entropy.mean()), rel=1e-5)
+
+
 def test_hard_attention_uses_the_expected_context_at_the_given_rate() -> None:
     """The paper's variance reduction: at rate 1 every step is soft attention's (log p(s) 0 everywhere, the scorer
     trained by cross-entropy alone); at 0.5 about half the steps sample a location."""

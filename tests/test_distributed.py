@@ -127,8 +127,10 @@ def test_hard_attention_moves_its_baseline_by_the_whole_batch_on_every_rank(shap
     """With every step on the expected context (deterministic, so 1 and 2 processes can agree), hard attention under
     torchrun trains as in one process, its REINFORCE baseline included: each rank moves the baseline by the whole
     batch's mean log-likelihood. (A rank-local mean, then overwritten by rank 0's through DDP's buffer broadcast,
-    gives another baseline and another step.)"""
-    hard = [*RUN, "--decoder", "hard", "--hard-expectation", "1"]
+    gives another baseline and another step.) No entropy bonus: near uniform attention its gradient,
+    -alpha_i (log alpha_i + H), is a difference of nearly equal numbers, so the round-off of the scores (another
+    batch size, other matmul blocking) grows to 1e-4 of init_h's step, where everything else agrees to 5e-7."""
+    hard = [*RUN, "--decoder", "hard", "--hard-expectation", "1", "--hard-entropy", "0"]
     train.build_trainer(train.parse_args(train_args(shapes_data, tmp_path / "one", *hard))).run()
     result = torchrun(*train_args(shapes_data, tmp_path / "two", *hard))
     assert result.returncode == 0, result.stderr[-3000:]
