@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     write_json(out / gallery.PER_IMAGE, evaluation.to_json())
     if show:
         page = gallery.write_gallery(out / "gallery", evaluation, dataset.references, dataset.files.image, results,
-                                     {**SCORE_COLUMNS, **TRUTH_COLUMNS}, args.gallery_size, other)
+                                     [SCORE_COLUMNS, TRUTH_COLUMNS], args.gallery_size, other)
         print(f"gallery: {page}")
     print(format_table(scores, SCORE_COLUMNS))
     if args.grounding:

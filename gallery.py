@@ -25,7 +25,7 @@ from plots import attention_strip
 from utils import SatError, atomic_folder, read_json
 
 PER_IMAGE, SCORES = "per_image.json", "scores.json"
-THUMBNAIL = 160  # px, the longest side of the thumbnails (smaller images stay as they are)
+THUMBNAIL = 128  # px, the longest side of the thumbnails (smaller images stay as they are): ~4 kB each
 STRIP_PANEL = 96  # px, one word's square in the attention strips
 
 
@@ -139,14 +139,15 @@ def sort_beam(beams: list[int], other: Evaluation | None, source: str = "") -> i
 # ------------------------------------------------------------------------------------------------ the page
 
 def write_gallery(folder: str | Path, this: Evaluation, references: list[list[str]],
-                  image: Callable[[int], torch.Tensor], captions: dict[int, list[Caption]], columns: dict[str, str],
-                  strips: int = 100, other: Evaluation | None = None) -> Path:
+                  image: Callable[[int], torch.Tensor], captions: dict[int, list[Caption]],
+                  tables: list[dict[str, str]], strips: int = 100, other: Evaluation | None = None) -> Path:
     """Write `folder`/index.html, its thumbnails and attention strips, and return the page's path.
 
     Rows are sorted by per-image CIDEr-D at the largest beam size, worst first, or, with `other`, by this model's
     CIDEr-D minus the other's on the same image, where this model loses most first. The first `strips` rows (with
     `other`: the `strips` rows where the two differ most) get an attention strip of that beam's caption.
-    image(i): image i of the split, uint8 (3, S, S); captions: beam search's output per beam size, for the strips.
+    image(i): image i of the split, uint8 (3, S, S); captions: beam search's output per beam size, for the strips;
+    tables: the summary tables' columns ({score name: heading}), each shown where some of its scores exist.
     """
     k = sort_beam(this.beams(), other)
     beam = f"beam{k}"
@@ -168,7 +169,7 @@ def write_gallery(folder: str | Path, this: Evaluation, references: list[list[st
         rows = []
         for rank, i in enumerate(order):
             picture = _picture(image(i))
-            _thumbnail(picture).save(tmp / "thumbs" / f"{i}.jpg", quality=85)
+            _thumbnail(picture).save(tmp / "thumbs" / f"{i}.jpg", quality=80)
             if i in with_strip:
                 c = captions[k][i]
                 attention_strip(picture, this.per_image[beam]["captions"][i].split(), c.alphas, c.sentinel,
@@ -176,7 +177,7 @@ def write_gallery(folder: str | Path, this: Evaluation, references: list[list[st
             rows.append(_row(rank, i, this, None if other is None else (other, matched[i]), references[i],
                              None if delta is None else delta[i], i in with_strip,
                              "wins" if i == first_win else f"image-{this.image_ids[i]}"))
-        (tmp / "index.html").write_text(_page(this, other, k, columns, rows, delta, strips, attends),
+        (tmp / "index.html").write_text(_page(this, other, k, tables, rows, delta, strips, attends),
                                         encoding="utf-8")
     return Path(folder) / "index.html"
 
@@ -195,6 +196,7 @@ STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 16px; color: #222; }
 table { border-collapse: collapse; }
 th, td { padding: 4px 8px; vertical-align: top; text-align: left; }
+table.summary { margin-bottom: 8px; }
 table.summary td { text-align: right; font-variant-numeric: tabular-nums; }
 table.summary th, table.summary td, tr.image td { border-top: 1px solid #ddd; }
 .caption { margin: 2px 0; }
@@ -209,7 +211,7 @@ tr.attention img { display: block; }
 """
 
 
-def _page(this: Evaluation, other: Evaluation | None, k: int, columns: dict[str, str], rows: list[str],
+def _page(this: Evaluation, other: Evaluation | None, k: int, tables: list[dict[str, str]], rows: list[str],
           delta: list[float] | None, strips: int, attends: bool) -> str:
     e = html.escape
     n = len(this.image_ids)
@@ -236,7 +238,7 @@ def _page(this: Evaluation, other: Evaluation | None, k: int, columns: dict[str,
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{e(title)}</title>",
         f"<style>{STYLE}</style>", "</head>", "<body>",
         f"<h1>{e(title)}</h1>",
-        _summary(this, other, columns),
+        *(_summary(this, other, columns) for columns in tables),
         f"<p>{how} {e(strip_text)} Scores ×100; the page's data: <a href=\"../{PER_IMAGE}\">{PER_IMAGE}</a>, "
         f"<a href=\"../{SCORES}\">{SCORES}</a>.</p>",
         '<table class="images">', "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead>",
@@ -247,6 +249,8 @@ def _summary(this: Evaluation, other: Evaluation | None, columns: dict[str, str]
     """The split's scores, one row per model and beam size, in eval.py's columns."""
     models = [("this", this)] + ([("other", other)] if other is not None else [])
     shown = [name for name in columns if any(name in s for _, m in models for s in m.scores.values())]
+    if not shown:
+        return ""
     lines = ['<table class="summary">', "<thead><tr>" + ("<th>model</th>" if other is not None else "")
              + "<th>beam</th>" + "".join(f"<th>{html.escape(columns[name])}</th>" for name in shown)
              + "</tr></thead>", "<tbody>"]
@@ -319,6 +323,9 @@ def _truth(record: dict[str, list], i: int) -> str:
 def _grounding(record: dict[str, list], i: int) -> str:
     if record.get("attention_in_box", [None] * (i + 1))[i] is None:
         return ""
-    return (f'<br><span class="note">attention in box {record["attention_in_box"][i]:.0f}% (uniform '
-            f'{record["uniform_in_box"][i]:.0f}%), pointing {record["pointing_accuracy"][i]:.0f}% of '
-            f'{record["grounded_words"][i]} object words</span>')
+    words = record["grounded_words"][i]
+    hits = round(record["pointing_accuracy"][i] * words / 100)
+    return (f'<br><span class="note" title="attention mass inside the boxes of the objects its words name (what a '
+            f'uniform map would get); object words whose most-attended cell lies in such a box">attention in box '
+            f'{record["attention_in_box"][i]:.0f}% (uniform {record["uniform_in_box"][i]:.0f}%) · pointing '
+            f'{hits}/{words}</span>')

@@ -219,7 +219,7 @@ def test_captions_and_references_cannot_inject_markup(tmp_path) -> None:
     (tmp_path / "scores.json").write_text(json.dumps(this.scores))  # writes them
     page_path = gallery.write_gallery(tmp_path / "g", this, [[hostile], ["x & y"]],
                                       lambda i: torch.zeros(3, 32, 32, dtype=torch.uint8), captions,
-                                      {"cider": "CIDEr-D"}, strips=2)
+                                      [{"cider": "CIDEr-D"}, {"correct_captions": "correct %"}], strips=2)
     page = Page(page_path)
     check_links(page)
     assert "script" not in page.tags and page.tags.count("img") == 4  # 2 thumbnails, 2 strips
