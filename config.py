@@ -151,6 +151,10 @@ class TrainConfig:
                              parse=bounded_int(1, 10 ** 9), group=VAL)
     max_bad_steps: int = option(10, "stop after this many consecutive non-finite losses",
                                 parse=bounded_int(1, 10 ** 6), group=VAL)
+    tensorboard: bool = option(False, "also log to TensorBoard in CHECKPOINT_DIR/tensorboard/ (one run per phase): "
+                               "every step's loss and top-5 accuracy (SCST: reward), every validation's scores, "
+                               "learning rates and first few images with caption and attention; needs the "
+                               "tensorboard package", group=VAL)
     scst: bool = option(False, "fine-tune for CIDEr-D with REINFORCE (needs --resume: a cross-entropy checkpoint "
                         "starts a new SCST phase from its weights, an SCST checkpoint continues)", group=SCST)
     scst_samples: int = option(5, "captions sampled per image (at least 2: the baseline is the others' mean)",

@@ -2,7 +2,7 @@
 
 Example:
   python eval.py --checkpoint checkpoints/checkpoint_best.pt --data-folder data/shapes \\
-      --data-name shapes_5_cap_per_img_5_min_word_freq --split test --beam-sizes 1 3 5
+      --data-name shapes_5_cap_per_img_5_min_word_freq --split test --beam-sizes 1 3 5 --gallery
 """
 from __future__ import annotations
 
@@ -53,6 +53,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="encode the split once into (or reuse) the fp16 feature cache that train.py "
                         "--cache-features writes, keyed on the checkpoint's encoder weights (default: off)")
     p.add_argument("--out", help="folder for the captions and scores (default: eval_SPLIT beside the checkpoint)")
+    p.add_argument("--gallery", action="store_true",
+                   help="also write OUT/gallery/index.html: every image of the split with its captions at each beam "
+                        "size, the references, per-image CIDEr-D (and with --grounding whether each caption is true "
+                        "and where it looked), worst CIDEr-D first, attention strips for the first rows; a static "
+                        "page to open from disk (default: off)")
+    p.add_argument("--gallery-size", type=non_negative_int, default=100, metavar="N",
+                   help="rows of the gallery that get an attention strip (every row gets a thumbnail) (default: "
+                        "100)")
+    p.add_argument("--compare", metavar="OTHER_EVAL_DIR",
+                   help="the --out folder of another model's eval.py run on the same split: the gallery (implied) "
+                        "shows both models' captions and scores per image, sorted by the difference in per-image "
+                        "CIDEr-D at the largest beam size both decoded, where this model loses most first")
     add_trust_flag(p)
     add_debug_flag(p)
     return p.parse_args(argv)
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import gallery
     import metrics
     from checkpoints import load_checkpoint, model_from_checkpoint
     from datasets import ImageCaptionsDataset, check_word_map
@@ -71,6 +84,10 @@ def run(args: argparse.Namespace) -> None:
     from inference import caption_split, texts
 
     metric_names = parse_metrics(args.metrics)
+    show = args.gallery or args.compare is not None
+    if show and "cider" not in metric_names:
+        raise SatError(f"--metrics {args.metrics}: the gallery sorts by per-image CIDEr-D; add cider")
+    other = gallery.read_evaluation(args.compare) if args.compare else None  # before the long part: fail early
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     model, word_map = model_from_checkpoint(checkpoint, args.checkpoint)
@@ -81,25 +98,40 @@ def run(args: argparse.Namespace) -> None:
         features = cached_features(model.encoder, args.data_folder, args.data_name, args.split, device,
                                    args.batch_size)
     dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split, features=features)
+    if other is not None:
+        gallery.check_same_split(other, dataset.files.image_ids, args.split, args.compare)
+        gallery.sort_beam(args.beam_sizes, other, args.compare)
     results = caption_split(model, dataset, word_map, args.beam_sizes, args.max_len, args.batch_size, device,
                             args.length_penalty, args.workers, amp=args.amp)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
     objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     attends = model.decoder.attends  # lstm and rnn look at no pixel
-    scores, notes = {}, {}
+    scores, per_image, notes = {}, {}, {}
     for k, captions in results.items():
         hypotheses = texts(captions, word_map)
-        scores[f"beam{k}"], notes = metrics.caption_scores(dataset.references, hypotheses, metric_names, args.bleu)
+        computed = metrics.score_captions(dataset.references, hypotheses, metric_names, args.bleu)
+        scores[f"beam{k}"], notes = computed.corpus, computed.unavailable
+        verdicts = grounding = None
         if objects is not None:
-            scores[f"beam{k}"].update(metrics.caption_correctness(hypotheses, objects))
+            verdicts = metrics.judge_captions(hypotheses, objects)
+            scores[f"beam{k}"].update(metrics.correctness_scores(verdicts))
             if attends:
-                scores[f"beam{k}"].update(metrics.attention_grounding([h.split() for h in hypotheses],
-                                                                      [c.alphas for c in captions], objects))
+                words, alphas = [h.split() for h in hypotheses], [c.alphas for c in captions]
+                scores[f"beam{k}"].update(metrics.attention_grounding(words, alphas, objects))
+                grounding = [metrics.attention_grounding([w], [a], [o]) for w, a, o in zip(words, alphas, objects)]
+        per_image[f"beam{k}"] = gallery.beam_record(hypotheses, computed, verdicts, grounding)
         write_json(out / f"captions_beam{k}.json",
                    [{"image_id": i, "caption": h} for i, h in zip(dataset.files.image_ids, hypotheses)])
     if args.grounding and not attends:
         notes["grounding"] = f"attention grounding: n/a, decoder '{model.config.decoder}' has no attention"
     write_json(out / "scores.json", {**scores, "unavailable": notes})
+    evaluation = gallery.Evaluation(str(args.checkpoint), model.config.decoder, args.split, dataset.files.image_ids,
+                                    per_image, scores)
+    write_json(out / gallery.PER_IMAGE, evaluation.to_json())
+    if show:
+        page = gallery.write_gallery(out / "gallery", evaluation, dataset.references, dataset.files.image, results,
+                                     [SCORE_COLUMNS, TRUTH_COLUMNS], args.gallery_size, other)
+        print(f"gallery: {page}")
     print(format_table(scores, SCORE_COLUMNS))
     if args.grounding:
         print(format_table(scores, TRUTH_COLUMNS))

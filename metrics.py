@@ -5,8 +5,10 @@ COCO caption evaluation does, through the pycocoevalcap package: captions are fi
 Stanford PTB tokenizer (Java) with punctuation removed. Without Java, a Python tokenizer that mimics it
 is used and METEOR/SPICE are reported unavailable. `bleu` is nltk's corpus BLEU, which the old tutorial
 reported; the two BLEUs differ (see the README). All scores are x100, as papers report them.
+`score_captions` also keeps the per-image scores that the same COCO scorer calls return (the gallery's).
 On the shapes data, `caption_correctness` scores whether captions are true of their images, which
-n-gram overlap cannot see, and `attention_grounding` whether the model looks where it speaks.
+n-gram overlap cannot see (`judge_captions` gives each caption's verdict), and `attention_grounding`
+whether the model looks where it speaks.
 """
 from __future__ import annotations
 
@@ -114,22 +116,41 @@ def unavailable_reason(metric: str) -> str | None:
     return None
 
 
+@dataclass
+class CaptionScores:
+    """A split's caption metrics x100: over the corpus, and per image where the COCO code scores each image."""
+    corpus: dict[str, float]  # bleu1..4, meteor, rouge, cider, spice: as papers report them
+    per_image: dict[str, list[float]]  # bleu4, meteor, rouge, cider: each image's score, in the split's order
+    unavailable: dict[str, str]  # metric -> why it was not computed
+
+
 def caption_scores(references: list[list[str]], hypotheses: list[str],
                    metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider"),
                    bleu_impl: str = "coco") -> tuple[dict[str, float], dict[str, str]]:
     """COCO caption metrics x100: ({name: score}, {metric: why it was not computed})."""
+    scores = score_captions(references, hypotheses, metrics, bleu_impl)
+    return scores.corpus, scores.unavailable
+
+
+def score_captions(references: list[list[str]], hypotheses: list[str],
+                   metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider"),
+                   bleu_impl: str = "coco") -> CaptionScores:
+    """COCO caption metrics x100 over the corpus and, from the same scorer calls, per image.
+
+    Per-image CIDEr-D is each image's term of the corpus score (their mean is the corpus CIDEr-D; the IDF weights
+    still come from the whole split), per-image BLEU-4 is sentence BLEU against that image's references.
+    """
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} reference sets but {len(hypotheses)} hypotheses")
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from {', '.join(METRICS)}")
-    scores: dict[str, float] = {}
-    skipped = {m: r for m in metrics if (r := unavailable_reason(m)) is not None}
+    result = CaptionScores({}, {}, {m: r for m in metrics if (r := unavailable_reason(m)) is not None})
     if "bleu" in metrics and bleu_impl == "nltk":
-        scores.update(bleu(references, hypotheses))
-    wanted = [m for m in metrics if m not in skipped and not (m == "bleu" and bleu_impl == "nltk")]
+        result.corpus.update(bleu(references, hypotheses))
+    wanted = [m for m in metrics if m not in result.unavailable and not (m == "bleu" and bleu_impl == "nltk")]
     if not wanted:
-        return scores, skipped
+        return result
     both = tokenize({i: list(refs) + [hyp] for i, (refs, hyp) in enumerate(zip(references, hypotheses))})
     gts = {i: caps[:-1] for i, caps in both.items()}
     res = {i: caps[-1:] for i, caps in both.items()}
@@ -137,14 +158,18 @@ def caption_scores(references: list[list[str]], hypotheses: list[str],
         if metric == "cider" and len(gts) == 1:
             # CIDEr-D weighs n-grams by their IDF over the references of the whole test set; with a single
             # image every n-gram of its references has IDF log(1/1) = 0, so the score is 0 by definition.
-            scores["cider"] = 0.0
+            result.corpus["cider"], result.per_image["cider"] = 0.0, [0.0]
             continue
-        value = _scorer(metric).compute_score(gts, res, **({"verbose": 0} if metric == "bleu" else {}))[0]
+        value, each = _scorer(metric).compute_score(gts, res, **({"verbose": 0} if metric == "bleu" else {}))
         if metric == "bleu":
-            scores.update({f"bleu{n + 1}": 100.0 * v for n, v in enumerate(value)})
+            result.corpus.update({f"bleu{n + 1}": 100.0 * v for n, v in enumerate(value)})
+            result.per_image["bleu4"] = [100.0 * float(v) for v in each[3]]
+        elif metric == "spice":
+            result.corpus[metric] = 100.0 * float(value)  # its per-image scores are dicts of sub-scores
         else:
-            scores[metric] = 100.0 * float(value)
-    return scores, skipped
+            result.corpus[metric] = 100.0 * float(value)
+            result.per_image[metric] = [100.0 * float(v) for v in each]
+    return result
 
 
 def _scorer(metric: str):
@@ -225,11 +250,20 @@ def caption_correctness(hypotheses: list[str], objects: list[list[dict]]) -> dic
 
     hypotheses: per image, the generated caption; objects: per image, the shapes sidecar's objects.
     """
+    return correctness_scores(judge_captions(hypotheses, objects))
+
+
+def judge_captions(hypotheses: list[str], objects: list[list[dict]]) -> list[Verdict]:
+    """Each caption's claims and how many of each kind are true, as caption_correctness counts them."""
     if len(hypotheses) != len(objects):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(objects)} object lists")
-    verdicts = [_judge(shapes.parse_caption(h), [shapes.ShapeObject.from_sidecar(o) for o in objs])
-                for h, objs in zip(hypotheses, objects)]
-    total = {name: sum(getattr(v, name) for v in verdicts) for name in _Verdict.__dataclass_fields__}
+    return [_judge(shapes.parse_caption(h), [shapes.ShapeObject.from_sidecar(o) for o in objs])
+            for h, objs in zip(hypotheses, objects)]
+
+
+def correctness_scores(verdicts: list[Verdict]) -> dict[str, float]:
+    """caption_correctness's scores from the captions' verdicts."""
+    total = {name: sum(getattr(v, name) for v in verdicts) for name in Verdict.__dataclass_fields__}
     captions = len(verdicts)
     return {"chair_i": _share(total["hallucinated"], total["mentions"]),
             "chair_s": _share(sum(v.hallucinated > 0 for v in verdicts), captions),
@@ -245,7 +279,7 @@ def caption_correctness(hypotheses: list[str], objects: list[list[dict]]) -> dic
 
 
 @dataclass
-class _Verdict:
+class Verdict:
     """One caption's claims, and how many of each kind are true."""
     mentions: int
     hallucinated: int
@@ -265,9 +299,9 @@ class _Verdict:
                 and self.relations_true == self.relations and self.positions_true == self.positions)
 
 
-def _judge(parsed: shapes.ParsedCaption, objs: list[shapes.ShapeObject]) -> _Verdict:
+def _judge(parsed: shapes.ParsedCaption, objs: list[shapes.ShapeObject]) -> Verdict:
     paired = _best_pairing(parsed, objs)
-    return _Verdict(mentions=len(parsed.mentions), hallucinated=len(parsed.mentions) - len(paired),
+    return Verdict(mentions=len(parsed.mentions), hallucinated=len(parsed.mentions) - len(paired),
                     objects=len(objs), recalled=len(paired),
                     counts=len(parsed.counts), counts_true=sum(n == len(objs) for n in parsed.counts),
                     relations=len(parsed.relations), relations_true=_true_relations(parsed, paired),

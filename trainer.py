@@ -22,13 +22,14 @@ from tqdm import tqdm
 import distributed
 import metrics
 import scst
+from board import IMAGES, Board, run_name
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ModelConfig, TrainConfig, defaults, explicit, flag, from_dict
 from datasets import ImageCaptionsDataset, check_word_map, word_map_file
 from devices import autocast_dtype, resolve_device, restore_rng, restore_scaler, rng_state
 from features import cached_features
 from inference import caption_split, encode, texts
-from models import CaptionModel, beam_search
+from models import Caption, CaptionModel, beam_search
 from plots import plot_curves
 from utils import SatError, read_json
 
@@ -120,6 +121,8 @@ class Trainer:
         if tc.fine_tune_encoder:
             groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": tc.encoder_lr})
         self.optimizer = torch.optim.Adam(groups)
+        on_board = tc.tensorboard and distributed.is_main()
+        self.board = Board(self.out / "tensorboard" / run_name(*tc.phase())) if on_board else None
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
@@ -191,17 +194,21 @@ class Trainer:
     def run(self) -> float:
         """Train until --epochs or early stopping; returns the best validation score."""
         tc, p = self.tc, self.progress
-        while p.epoch < tc.epochs and not self.stop_requested():
-            self.train_epoch()
+        try:
+            while p.epoch < tc.epochs and not self.stop_requested():
+                self.train_epoch()
+                if self.stop_requested():
+                    break
+                self.end_epoch()
+                if p.epochs_since_improvement >= tc.patience:
+                    print(f"early stop: no {METRIC_NAMES[tc.early_stop_metric]} improvement in {tc.patience} epochs")
+                    break
             if self.stop_requested():
-                break
-            self.end_epoch()
-            if p.epochs_since_improvement >= tc.patience:
-                print(f"early stop: no {METRIC_NAMES[tc.early_stop_metric]} improvement in {tc.patience} epochs")
-                break
-        if self.stop_requested():
-            path = self.save("last")
-            print(f"stopped by signal {self.stop_signal}: saved {path}; continue with --resume {path}")
+                path = self.save("last")
+                print(f"stopped by signal {self.stop_signal}: saved {path}; continue with --resume {path}")
+        finally:
+            if self.board is not None:
+                self.board.close()
         return p.best_score
 
     def train_epoch(self) -> None:
@@ -270,8 +277,11 @@ class Trainer:
         self.scaler.update()
         p.step += 1
         self.model.decoder.end_step(self.batch_log_likelihood)
-        for name, total in zip(sums, totals[len(terms):]):
+        batch = dict(zip(sums, totals[len(terms):]))
+        for name, total in batch.items():
             setattr(p, name, getattr(p, name) + type(getattr(p, name))(total))
+        if self.board is not None:
+            self.board.train(self.averages(batch), p.step)
         return True
 
     def xe_loss(self, encoder_out: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
@@ -328,14 +338,18 @@ class Trainer:
 
     def running_averages(self) -> dict[str, float]:
         """This epoch's averages so far: the loss, and the sampled captions' CIDEr-D (SCST) or top-5 accuracy."""
-        p = self.progress
-        averages = {"train_loss": p.loss_sum / max(p.tokens, 1)}
-        if self.tc.scst:
-            return {**averages, "train_cider": 100 * p.reward_sum / max(p.samples, 1)}
-        return {**averages, "train_top5": 100 * p.top5_sum / max(p.tokens, 1)}
+        return self.averages(asdict(self.progress))
 
-    def validate(self) -> dict[str, float]:
-        """BLEU-1..4 and CIDEr-D of real (beam search) decoding of the validation split."""
+    def averages(self, sums: dict[str, float]) -> dict[str, float]:
+        """Averages from Progress's sums (of an epoch so far, or of one batch)."""
+        averages = {"train_loss": sums["loss_sum"] / max(sums["tokens"], 1)}
+        if self.tc.scst:
+            return {**averages, "train_cider": 100 * sums["reward_sum"] / max(sums["samples"], 1)}
+        return {**averages, "train_top5": 100 * sums["top5_sum"] / max(sums["tokens"], 1)}
+
+    def validate(self) -> tuple[dict[str, float], list[Caption]]:
+        """BLEU-1..4 and CIDEr-D of real (beam search) decoding of the validation split, and this rank's captions
+        (rank 0's are those of the split's first images)."""
         tc = self.tc
         # Each rank decodes its share of the images; rank 0 scores all the captions and tells the others.
         captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
@@ -343,16 +357,16 @@ class Trainer:
                                  indices=distributed.shard(len(self.val_set)))[tc.val_beam_size]
         hypotheses = distributed.gather(texts(captions, self.word_map))
         return distributed.from_main(
-            lambda: metrics.caption_scores(self.val_set.references, hypotheses, ("bleu", "cider"))[0])
+            lambda: metrics.caption_scores(self.val_set.references, hypotheses, ("bleu", "cider"))[0]), captions
 
     def start_phase(self, source: str) -> None:
         """Score the model a new phase starts from (stage 2, SCST): it is the first best checkpoint to beat."""
         p = self.progress
-        scores = self.validate()
+        scores, captions = self.validate()
         p.best_score = scores[self.tc.early_stop_metric]
         self.save("best")
         self.log({"epoch": -1, "step": 0, "phase_from": source, **{f"val_{k}": v for k, v in scores.items()},
-                  "time": time.time()})
+                  "time": time.time()}, captions)
         print(f"{self.phase_name()} starts from {source}: val BLEU-4 {scores['bleu4']:.2f}, CIDEr-D "
               f"{scores['cider']:.2f} (beam {self.tc.val_beam_size})")
 
@@ -363,7 +377,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Validate by real decoding, keep the best model, decay the LR, log and plot."""
         tc, p = self.tc, self.progress
-        scores = self.validate()
+        scores, captions = self.validate()
         score = scores[tc.early_stop_metric]
         improved = score > p.best_score
         p.best_score = max(score, p.best_score)
@@ -383,18 +397,24 @@ class Trainer:
         if improved:
             self.save("best")
         self.save("last")
-        self.log(record)
+        self.log(record, captions)
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.3f}, val BLEU-4 {scores['bleu4']:.2f}, "
               f"CIDEr-D {scores['cider']:.2f} (best {METRIC_NAMES[tc.early_stop_metric]} {p.best_score:.2f}"
               f"{', saved' if improved else ''})")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, captions: list[Caption]) -> None:
+        """A validation: metrics.jsonl, curves.png and, with --tensorboard, its scores and first captions."""
         if not distributed.is_main():
             return
         log_path = self.out / "metrics.jsonl"
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(log_path, self.out / "curves.png")
+        if self.board is not None:
+            self.board.validation(record, record["step"])
+            shown = captions[:IMAGES]
+            images = [self.val_set.files.image(i) for i in range(len(shown))]
+            self.board.captions(images, texts(shown, self.word_map), shown, record["step"])
 
 
 # ---------------------------------------------------------------------------------------------------- phases

@@ -63,9 +63,10 @@ def train_args(data: tuple[Path, str], checkpoint_dir: Path, *extra: str) -> lis
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(shapes_data: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """checkpoint_best.pt of a tiny model trained for 6 epochs on cached features."""
+    """checkpoint_best.pt of a tiny model trained for 6 epochs on cached features. It also logs to TensorBoard,
+    which test_board reads (the logging draws no random numbers: the model is the one it would be without)."""
     out = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
     train.main(train_args(shapes_data, out, "--cache-features", "--epochs", "6", "--batch-size", "8",
-                          "--decoder-lr", "3e-3", "--dropout", "0.1"))
+                          "--decoder-lr", "3e-3", "--dropout", "0.1", "--tensorboard"))
     return out / "checkpoint_best.pt"

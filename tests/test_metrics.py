@@ -25,17 +25,24 @@ REFERENCES = [
 HYPOTHESES = ["a man riding a wave on a surfboard", "two dogs playing with a frisbee", "a plate of rice and broccoli"]
 
 
+def reference_tokens() -> tuple[dict, dict]:
+    """References and hypotheses through pycocoevalcap's own tokenizer, as the COCO caption evaluation runs it."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(REFERENCES)})
+    res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(HYPOTHESES)})
+    return gts, res
+
+
 def reference_scores() -> dict[str, float]:
     """pycocoevalcap used directly, the way the COCO caption evaluation script does."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(REFERENCES)})
-    res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(HYPOTHESES)})
+    gts, res = reference_tokens()
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     return {**{f"bleu{n + 1}": 100 * b for n, b in enumerate(bleu)},
             "meteor": 100 * Meteor().compute_score(gts, res)[0], "rouge": 100 * Rouge().compute_score(gts, res)[0],
@@ -50,6 +57,26 @@ def test_scores_equal_the_coco_evaluation() -> None:
     for name, value in expected.items():
         assert scores[name] == pytest.approx(value, abs=1e-6), name
     assert 0 < scores["bleu4"] < scores["bleu1"] < 100 and scores["cider"] > 0 and 0 < scores["meteor"] < 100
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="the COCO evaluation's tokenizer needs Java")
+def test_per_image_scores_are_the_coco_codes_per_image_scores() -> None:
+    """From the same scorer calls as the corpus scores: CIDEr-D per image (whose mean is the corpus CIDEr-D),
+    sentence BLEU-4 and ROUGE-L per image, as pycocoevalcap computes them."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    computed = metrics.score_captions(REFERENCES, HYPOTHESES, ("bleu", "rouge", "cider"))
+    gts, res = reference_tokens()
+    cider = Cider().compute_score(gts, res)[1]
+    assert computed.per_image["cider"] == pytest.approx([100 * v for v in cider], abs=1e-9)
+    assert computed.per_image["rouge"] == pytest.approx([100 * v for v in Rouge().compute_score(gts, res)[1]])
+    assert computed.per_image["bleu4"] == pytest.approx([100 * v for v in Bleu(4).compute_score(gts, res, 0)[1][3]])
+    assert sum(computed.per_image["cider"]) / 3 == pytest.approx(computed.corpus["cider"])
+    assert len(set(computed.per_image["cider"])) == 3  # three different images, three different scores
+    assert (computed.corpus, computed.unavailable) == metrics.caption_scores(REFERENCES, HYPOTHESES,
+                                                                             ("bleu", "rouge", "cider"))
 
 
 def test_nltk_bleu_path_is_nltk_corpus_bleu() -> None:

@@ -302,6 +302,8 @@ def bad_inputs(shapes_data, trained_checkpoint, other_data, tmp_path) -> dict[st
         "train resume from export": (["train.py", *data, "--checkpoint-dir", out, "--resume", str(exported)],
                                      "no training state"),
         "eval negative workers": (["eval.py", "--checkpoint", ckpt, *data, "--workers", "-1"], "must be 0 or more"),
+        "eval compare not an eval folder": (["eval.py", "--checkpoint", ckpt, *data, "--compare", str(empty),
+                                             "--out", out], "per_image.json: not found"),
         "create_input_files latin-1 csv": (["create_input_files.py", "--dataset", "folder", "--captions-csv",
                                             str(latin1), "--image-folder", str(empty), "--output-folder", out],
                                            "not a UTF-8 text CSV"),
@@ -317,7 +319,8 @@ CASES = ["caption missing image", "caption corrupt image", "caption huge image",
          "caption beam 0", "caption max-len 0", "caption not a checkpoint", "eval missing checkpoint",
          "eval other dataset", "eval negative beam", "eval unknown metric", "eval wrong data name",
          "train missing data", "train negative workers", "train dropout over 1", "train negative lr",
-         "train resume from export", "eval negative workers", "create_input_files latin-1 csv",
+         "train resume from export", "eval negative workers", "eval compare not an eval folder",
+         "create_input_files latin-1 csv",
          "create_input_files no json", "create_input_files missing json"]
 
 
