@@ -114,7 +114,7 @@ def upgrade(checkpoint: dict) -> dict:
 
 def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple[CaptionModel, dict[str, int]]:
     """Rebuild the model from a checkpoint's own config and weights; no other file is needed."""
-    cfg = from_dict(ModelConfig, checkpoint.get("model_config"), source)
+    cfg = from_dict(ModelConfig, checkpoint.get("model_config"), source, legacy=LEGACY_MODEL_OPTIONS)
     model = CaptionModel(cfg)
     try:
         model.encoder.load_state_dict(checkpoint["encoder"])

@@ -18,6 +18,7 @@ from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, boun
 ENCODER_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
                     "tf_efficientnet_lite0": 1280}
 DECODER_NAMES = ("soft", "hard", "adaptive", "lstm", "rnn")
+ATTENTION_NORMALIZERS = ("softmax", "sparsemax", "entmax15")
 MAX_CAPTION_WORDS = 200  # decoding lengths above this are refused: beam search memory grows with the length
 MAX_BEAM_SIZE = 100
 DEFAULT_MAX_PIXELS = 89_478_485  # images above are refused as decompression bombs: Pillow's own threshold
@@ -51,6 +52,11 @@ class ModelConfig:
     decoder_dim: int = option(512, "LSTM hidden size", parse=bounded_int(1, 8192))
     dropout: float = option(0.5, "dropout before the output layer", parse=probability)
     attention_activation: str = option("relu", "nonlinearity in the attention MLP", choices=("relu", "tanh"))
+    attention_normalizer: str = option("softmax", "soft and adaptive decoders: what turns the attention scores into "
+                                       "weights; softmax (the paper's: every pixel gets some weight), sparsemax "
+                                       "(Martins & Astudillo 2016) or 1.5-entmax (Peters et al. 2019), which give "
+                                       "most pixels exactly zero weight (the entmax package)",
+                                       choices=ATTENTION_NORMALIZERS)
     output_layer: str = option("deep", "soft and hard decoders: 'deep' is the paper's deep output layer (eq. 7), "
                                "p(y_t) from L_o(E y_t-1 + L_h h_t + L_z z_t) with the tanh of the authors' code; "
                                "'linear' is the tutorial's fc(dropout(h_t))", choices=("deep", "linear"))
@@ -72,7 +78,7 @@ class ModelConfig:
 
 
 # Model options that checkpoints written before they existed lack, with the value those models were trained with.
-LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0}
+LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "attention_normalizer": "softmax"}
 
 DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
     "self-critical sequence training (Rennie et al. 2017)", "run"

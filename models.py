@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from config import DECODER_NAMES, ENCODER_CHANNELS, ModelConfig
+from config import ATTENTION_NORMALIZERS, DECODER_NAMES, ENCODER_CHANNELS, ModelConfig
 from utils import SatError
 
 # name -> (mean, std) of the input normalisation; every encoder normalises its own uint8 input.
@@ -117,10 +117,27 @@ class Encoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------- decoders
 
-class Attention(nn.Module):
-    """Soft attention: a score per pixel from the encoder and decoder projections, softmaxed over pixels."""
+def attention_normalizer(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """Scores -> weights along a dim that sum to 1: softmax, or sparsemax / 1.5-entmax, which set the weights of
+    low scores to exactly 0 (their Jacobian is zero there too, so nothing downstream may take their log)."""
+    if name == "softmax":
+        return lambda scores, dim: torch.softmax(scores, dim=dim)
+    if name not in ATTENTION_NORMALIZERS:
+        raise SatError(f"unknown attention normalizer '{name}' (choose from {', '.join(ATTENTION_NORMALIZERS)})")
+    if importlib.util.find_spec("entmax") is None:
+        raise SatError(f"--attention-normalizer {name} needs the 'entmax' package (pip install entmax)")
+    import entmax
+    function = entmax.sparsemax if name == "sparsemax" else entmax.entmax15
+    # In float32 whatever the autocast dtype: the threshold search sorts and sums the scores.
+    return lambda scores, dim: function(scores.float(), dim=dim)
 
-    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, activation: str = "relu"):
+
+class Attention(nn.Module):
+    """Soft attention: a score per pixel from the encoder and decoder projections, normalised over pixels (softmax
+    in the paper; sparsemax or 1.5-entmax with `normalizer`)."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, activation: str = "relu",
+                 normalizer: str = "softmax"):
         super().__init__()
         self.encoder_att = nn.Linear(encoder_dim, attention_dim)
         self.decoder_att = nn.Linear(decoder_dim, attention_dim)
@@ -129,6 +146,7 @@ class Attention(nn.Module):
             raise SatError(f"unknown attention activation '{activation}' (relu or tanh)")
         self.activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu if activation == "relu" else torch.tanh
         self.activation_: Callable[[torch.Tensor], torch.Tensor] = torch.relu_ if activation == "relu" else torch.tanh_
+        self.normalize = attention_normalizer(normalizer)
 
     def project(self, encoder_out: torch.Tensor) -> torch.Tensor:
         """encoder_out (B, P, C) -> (B, P, A); done once per image, not at every step."""
@@ -148,7 +166,7 @@ class Attention(nn.Module):
         """
         B, P, C = encoder_out.shape
         h_att = self.decoder_att(h).view(B, -1, 1, projected.size(2))  # (B, K, 1, A)
-        alpha = torch.softmax(self.pixel_scores(projected, h_att), dim=2)  # (B, K, P)
+        alpha = self.normalize(self.pixel_scores(projected, h_att), 2)  # (B, K, P)
         context = torch.bmm(alpha, encoder_out)  # (B, K, C)
         return context.view(-1, C), alpha.view(-1, P)
 
@@ -272,7 +290,7 @@ class DecoderWithAttention(Decoder):
         C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
         if cfg.output_layer not in ("deep", "linear"):
             raise SatError(f"unknown output layer '{cfg.output_layer}' (deep or linear)")
-        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation)
+        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation, cfg.attention_normalizer)
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.dropout = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTMCell(E + C, D)
@@ -408,7 +426,7 @@ class AdaptiveAttentionDecoder(Decoder):
         C, D, E = cfg.encoder_dim, cfg.decoder_dim, cfg.embed_dim
         self.image_att = nn.Linear(C, D)  # v_i = ReLU(W_a a_i): annotation vectors in the LSTM's space
         self.image_global = nn.Linear(C, D)  # v^g = ReLU(W_b a^g) from the mean annotation vector
-        self.attention = Attention(D, D, cfg.attention_dim, cfg.attention_activation)
+        self.attention = Attention(D, D, cfg.attention_dim, cfg.attention_activation, cfg.attention_normalizer)
         self.sentinel_att = nn.Linear(D, cfg.attention_dim)  # W_s
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.lstm = nn.LSTMCell(E + D, D)
@@ -438,7 +456,7 @@ class AdaptiveAttentionDecoder(Decoder):
         h_att = self.attention.decoder_att(h)  # (B*K, A)
         z = self.attention.pixel_scores(memory["projected"], h_att.view(B, -1, 1, h_att.size(1)))  # (B, K, P)
         z_s = self.attention.score(self.sentinel_att(s) + h_att)  # (B*K,)
-        alpha = torch.softmax(torch.cat([z.view(len(h), -1), z_s.unsqueeze(1)], dim=1), dim=1)  # (B*K, P+1)
+        alpha = self.attention.normalize(torch.cat([z.view(len(h), -1), z_s.unsqueeze(1)], dim=1), 1)  # (B*K, P+1)
         P = v.size(1)
         context = torch.bmm(alpha[:, :P].view(B, -1, P), v).view(len(h), -1)  # (1 - beta) c_t, (B*K, D)
         c_hat = context + alpha[:, P:] * s
@@ -507,6 +525,9 @@ class CaptionModel(nn.Module):
         super().__init__()
         if cfg.decoder not in DECODERS:
             raise SatError(f"unknown decoder '{cfg.decoder}' (choose from {', '.join(DECODERS)})")
+        if cfg.attention_normalizer != "softmax" and cfg.decoder not in ("soft", "adaptive"):
+            raise SatError(f"--attention-normalizer {cfg.attention_normalizer} is for the soft and adaptive decoders, "
+                           f"not '{cfg.decoder}'")
         self.config = cfg
         self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights)
         self.decoder = DECODERS[cfg.decoder](cfg)
