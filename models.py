@@ -21,6 +21,10 @@ from utils import SatError
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ENCODERS = {name: IMAGENET for name in ENCODER_CHANNELS if name.startswith("resnet")}
 ENCODERS["tf_efficientnet_lite0"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# torchvision documents ImageNet's mean and std for Inception-v3, and its pretrained model then maps that input back
+# to (x - 0.5) / 0.5 (transform_input=True, how Google trained it): normalising so directly is the same thing.
+ENCODERS["inception_v3"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+INCEPTION_SIZE = 299  # Inception-v3's input side: 8 x 8 activations before its average pooling
 
 
 # ------------------------------------------------------------------------------------------------------ encoder
@@ -38,17 +42,44 @@ def _load_state_dict(path: str) -> dict:
 def _resnet(name: str, weights: str) -> nn.Module:
     model = getattr(torchvision.models, name)(weights=None)
     if weights == "default":
-        enum = torchvision.models.get_model_weights(name).DEFAULT  # IMAGENET1K_V2 for resnet50/101/152
-        try:
-            state = enum.get_state_dict(progress=True, check_hash=True)
-        except Exception as e:  # noqa: BLE001 - urllib, ssl and hash errors all mean "no weights"
-            raise SatError(f"could not download {name} ImageNet weights from {enum.url} ({e}). Offline? Download "
-                           "that file on a connected machine and pass --encoder-weights PATH, or train from "
-                           "scratch with --encoder-weights none") from None
-        model.load_state_dict(state)
+        # IMAGENET1K_V2 for resnet50/101/152
+        model.load_state_dict(_download(name, torchvision.models.get_model_weights(name).DEFAULT))
     elif weights != "none":
         model.load_state_dict(_load_state_dict(weights))
     return nn.Sequential(*list(model.children())[:-2])  # drop the pooling and classification layers
+
+
+def _download(name: str, enum: torchvision.models.WeightsEnum) -> dict:
+    try:
+        return enum.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - urllib, ssl and hash errors all mean "no weights"
+        raise SatError(f"could not download {name} ImageNet weights from {enum.url} ({e}). Offline? Download "
+                       "that file on a connected machine and pass --encoder-weights PATH, or train from "
+                       "scratch with --encoder-weights none") from None
+
+
+class Resize(nn.Module):
+    """Images to side x side (bilinear, antialiased), unless they are that size already."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (self.side, self.side):
+            return x
+        return F.interpolate(x, size=(self.side, self.side), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _inception_v3(weights: str) -> nn.Module:
+    """Inception-v3 up to Mixed_7c: 2048 x 8 x 8 activations of a 299 x 299 image (other sizes are resized to it)."""
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=weights == "none")
+    if weights == "default":
+        model.load_state_dict(_download("inception_v3", torchvision.models.Inception_V3_Weights.DEFAULT))
+    elif weights != "none":
+        model.load_state_dict(_load_state_dict(weights))
+    blocks = [m for name, m in model.named_children() if name not in ("AuxLogits", "avgpool", "dropout", "fc")]
+    return nn.Sequential(Resize(INCEPTION_SIZE), *blocks)
 
 
 def _efficientnet_lite0(weights: str) -> nn.Module:
@@ -83,7 +114,14 @@ class Encoder(nn.Module):
             raise SatError(f"unknown encoder '{name}' (choose from {', '.join(ENCODERS)})")
         mean, std = ENCODERS[name]
         self.name = name
-        self.backbone = _efficientnet_lite0(weights) if name.startswith("tf_") else _resnet(name, weights)
+        if name == "inception_v3":
+            self.backbone = _inception_v3(weights)
+        else:
+            self.backbone = _efficientnet_lite0(weights) if name.startswith("tf_") else _resnet(name, weights)
+        # Where fine-tuning starts: child 5 is layer2 of a ResNet (conv1, bn1, relu, maxpool, layer1 come first)
+        # and stage 3 of an EfficientNet (conv_stem, bn1, stages 0-2); child 8 is Inception-v3's first Inception
+        # block, Mixed_5b (the resize, five convolutions and two poolings come first).
+        self.fine_tune_from = 8 if name == "inception_v3" else 5
         self.pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -98,12 +136,11 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, C)
 
     def fine_tune(self, enabled: bool = True) -> None:
-        """Train only the later blocks (ResNet layers 2-4, as in the tutorial; the last 4 EfficientNet stages)."""
+        """Train only the later blocks (ResNet layers 2-4, as in the tutorial; the last 4 EfficientNet stages;
+        Inception-v3's Inception blocks)."""
         for p in self.backbone.parameters():
             p.requires_grad = False
-        # Child 5 is layer2 of a ResNet (conv1, bn1, relu, maxpool, layer1 come first) and stage 3 of an
-        # EfficientNet (conv_stem, bn1, stages 0-2 come first).
-        for child in list(self.backbone.children())[5:]:
+        for child in list(self.backbone.children())[self.fine_tune_from:]:
             for p in child.parameters():
                 p.requires_grad = enabled
 
