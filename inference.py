@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from datasets import ImageCaptionsDataset
 from devices import autocast_dtype
-from models import Caption, CaptionModel, beam_search, decode_tokens
+from models import Caption, beam_search, decode_tokens
 
 
 def encode(encoder: torch.nn.Module, inputs: torch.Tensor, from_features: bool) -> torch.Tensor:
@@ -19,12 +19,13 @@ def encode(encoder: torch.nn.Module, inputs: torch.Tensor, from_features: bool) 
 
 
 @torch.no_grad()
-def caption_split(model: CaptionModel, dataset: ImageCaptionsDataset, word_map: dict[str, int],
+def caption_split(model: torch.nn.Module, dataset: ImageCaptionsDataset, word_map: dict[str, int],
                   beam_sizes: list[int], max_len: int, batch_size: int, device: torch.device,
                   length_penalty: float = 0.0, workers: int = 0, progress: bool = True,
                   amp: bool = False, indices: range | None = None) -> dict[int, list[Caption]]:
     """Decode every image of the split (or those of `indices`, e.g. one rank's share) once per beam size; each
-    batch is encoded once for all beam sizes."""
+    batch is encoded once for all beam sizes. `model` is a CaptionModel or an ensemble.EnsembleModel (anything
+    with an `.encoder` and a step-API `.decoder`)."""
     model.eval()
     dtype = autocast_dtype(device) if amp else torch.float32
     loader = DataLoader(dataset if indices is None else Subset(dataset, indices), batch_size=batch_size,
@@ -39,7 +40,7 @@ def caption_split(model: CaptionModel, dataset: ImageCaptionsDataset, word_map: 
 
 
 @torch.no_grad()
-def caption_images(model: CaptionModel, images: list[Image.Image], word_map: dict[str, int], beam_size: int,
+def caption_images(model: torch.nn.Module, images: list[Image.Image], word_map: dict[str, int], beam_size: int,
                    max_len: int, device: torch.device, batch_size: int = 16) -> list[Caption]:
     """Beam-search captions for RGB images already resized to the training size."""
     model.eval()

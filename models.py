@@ -569,6 +569,10 @@ class CaptionModel(nn.Module):
         self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights)
         self.decoder = DECODERS[cfg.decoder](cfg)
 
+    @property
+    def name(self) -> str:
+        return self.config.decoder
+
 
 # ------------------------------------------------------------------------------------------------- beam search
 
