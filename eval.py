@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     from devices import resolve_device
     from ensemble import feature_encoder, load_models
     from features import cached_features
-    from inference import caption_split, texts
+    from inference import caption_split, texts, word_attention
 
     metric_names = parse_metrics(args.metrics)
     device = resolve_device(args.device)
@@ -92,14 +92,15 @@ def run(args: argparse.Namespace) -> None:
     objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     attends = model.decoder.attends  # lstm and rnn look at no pixel
     scores, notes = {}, {}
+    subwords = model.config.vocab == "bpe"  # BPE pieces are joined into words: every score is on words
     for k, captions in results.items():
-        hypotheses = texts(captions, word_map)
+        hypotheses = texts(captions, word_map, subwords)
         scores[f"beam{k}"], notes = metrics.caption_scores(dataset.references, hypotheses, metric_names, args.bleu)
         if objects is not None:
             scores[f"beam{k}"].update(metrics.caption_correctness(hypotheses, objects))
             if attends:
-                scores[f"beam{k}"].update(metrics.attention_grounding([h.split() for h in hypotheses],
-                                                                      [c.alphas for c in captions], objects))
+                words, alphas, _ = zip(*(word_attention(c, word_map, subwords) for c in captions))
+                scores[f"beam{k}"].update(metrics.attention_grounding(list(words), list(alphas), objects))
         write_json(out / f"captions_beam{k}.json",
                    [{"image_id": i, "caption": h} for i, h in zip(dataset.files.image_ids, hypotheses)])
     if args.grounding and not attends:

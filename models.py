@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import vocab
 from config import ATTENTION_NORMALIZERS, DECODER_NAMES, ENCODER_CHANNELS, ModelConfig
 from utils import SatError
 
@@ -674,7 +675,11 @@ def _best_beam(beams: dict[str, torch.Tensor], length_penalty: float, max_len: i
                    spatial / spatial.sum(dim=1, keepdim=True).clamp(min=1e-12), done, alphas[:, -1])
 
 
-def decode_tokens(tokens: list[int], rev_word_map: dict[int, str]) -> str:
-    """Token ids to a sentence, leaving out <start>, <end> and <pad>."""
+def decode_tokens(tokens: list[int], rev_word_map: dict[int, str], subwords: bool = False) -> str:
+    """Token ids to a sentence, leaving out <start>, <end> and <pad>; BPE pieces joined into words."""
+    return " ".join(word for word, _ in vocab.words(caption_pieces(tokens, rev_word_map), subwords))
+
+
+def caption_pieces(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
     skip = {"<start>", "<end>", "<pad>"}
-    return " ".join(w for w in (rev_word_map[t] for t in tokens) if w not in skip)
+    return [w for w in (rev_word_map[t] for t in tokens) if w not in skip]
