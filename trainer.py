@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import distributed
+from augment import Augment
 import embeddings
 import metrics
 import scst
@@ -142,6 +143,10 @@ class Trainer:
         self.batch_log_likelihood = 0.0  # mean log p(caption) of the last batch, all ranks, where a decoder needs it
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss
         use_cache = tc.cache_features and not tc.fine_tune_encoder
+        if use_cache and tc.augment:
+            raise SatError("--augment changes every image at every epoch, and the feature cache holds one view of "
+                           "each: drop --cache-features (or --augment)")
+        self.augment = Augment(word_map, model.config.vocab == "bpe") if tc.augment else None
         self.train_set = self._dataset("train", use_cache)
         self.val_set = self._dataset("val", use_cache)
         # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
@@ -259,6 +264,8 @@ class Trainer:
         tc, p = self.tc, self.progress
         inputs = inputs.to(self.device, non_blocking=True)
         captions, lengths = captions.to(self.device), lengths.to(self.device)
+        if self.augment is not None:
+            inputs, captions = self.augment(inputs, captions)
         stand_in = self.sampler.stand_in(p.batches_done)  # this rank's share of the batch weighs zero
         amp = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
