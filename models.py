@@ -155,19 +155,22 @@ class Encoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------- decoders
 
-def attention_normalizer(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """Scores -> weights along a dim that sum to 1: softmax, or sparsemax / 1.5-entmax, which set the weights of
-    low scores to exactly 0 (their Jacobian is zero there too, so nothing downstream may take their log)."""
-    if name == "softmax":
-        return lambda scores, dim: torch.softmax(scores, dim=dim)
+def check_normalizer(name: str) -> None:
     if name not in ATTENTION_NORMALIZERS:
         raise SatError(f"unknown attention normalizer '{name}' (choose from {', '.join(ATTENTION_NORMALIZERS)})")
-    if importlib.util.find_spec("entmax") is None:
+    if name != "softmax" and importlib.util.find_spec("entmax") is None:
         raise SatError(f"--attention-normalizer {name} needs the 'entmax' package (pip install entmax)")
+
+
+def normalize_attention(scores: torch.Tensor, dim: int, name: str = "softmax") -> torch.Tensor:
+    """Scores -> weights along `dim` that sum to 1: softmax, or sparsemax / 1.5-entmax, which set the weights of
+    low scores to exactly 0 (their Jacobian is zero there too, so nothing downstream may take their log)."""
+    if name == "softmax":
+        return torch.softmax(scores, dim=dim)
     import entmax
     function = entmax.sparsemax if name == "sparsemax" else entmax.entmax15
     # In float32 whatever the autocast dtype: the threshold search sorts and sums the scores.
-    return lambda scores, dim: function(scores.float(), dim=dim)
+    return function(scores.float(), dim=dim)
 
 
 class Attention(nn.Module):
@@ -184,7 +187,11 @@ class Attention(nn.Module):
             raise SatError(f"unknown attention activation '{activation}' (relu or tanh)")
         self.activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu if activation == "relu" else torch.tanh
         self.activation_: Callable[[torch.Tensor], torch.Tensor] = torch.relu_ if activation == "relu" else torch.tanh_
-        self.normalize = attention_normalizer(normalizer)
+        check_normalizer(normalizer)
+        self.normalizer = normalizer
+
+    def normalize(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
+        return normalize_attention(scores, dim, self.normalizer)
 
     def project(self, encoder_out: torch.Tensor) -> torch.Tensor:
         """encoder_out (B, P, C) -> (B, P, A); done once per image, not at every step."""

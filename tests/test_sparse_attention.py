@@ -10,7 +10,7 @@ import metrics
 import plots
 from checkpoints import model_from_checkpoint
 from conftest import WORD_MAP, random_captions, tiny_config
-from models import DECODERS, CaptionModel, attention_normalizer, beam_search
+from models import DECODERS, CaptionModel, beam_search, normalize_attention
 from test_decoders import train_tiny
 from trainer import loss_terms
 from utils import SatError
@@ -31,11 +31,11 @@ def sharp_decoder(name: str, normalizer: str) -> torch.nn.Module:
 def test_normalizers_on_known_scores() -> None:
     """sparsemax([1, 0.5, -1]): tau = 0.25 gives (0.75, 0.25, 0); 1.5-entmax keeps more support but zeros -1 too."""
     scores = torch.tensor([[1.0, 0.5, -1.0]])
-    torch.testing.assert_close(attention_normalizer("sparsemax")(scores, 1), torch.tensor([[0.75, 0.25, 0.0]]))
-    entmax = attention_normalizer("entmax15")(scores, 1)
+    torch.testing.assert_close(normalize_attention(scores, 1, "sparsemax"), torch.tensor([[0.75, 0.25, 0.0]]))
+    entmax = normalize_attention(scores, 1, "entmax15")
     assert entmax[0, 2] == 0 and 0.25 < entmax[0, 1] < entmax[0, 0] < 0.75
     torch.testing.assert_close(entmax.sum(), torch.tensor(1.0))
-    torch.testing.assert_close(attention_normalizer("softmax")(scores, 1), torch.softmax(scores, dim=1))
+    torch.testing.assert_close(normalize_attention(scores, 1, "softmax"), torch.softmax(scores, dim=1))
 
 
 @pytest.mark.parametrize("name", ["soft", "adaptive"])

@@ -167,3 +167,17 @@ def test_bpe_training_with_frozen_glove_rows_then_eval_scores_words(bpe_data, tm
 
     with pytest.raises(SatError, match="--freeze-embeddings"):
         train.build_trainer(train.parse_args(train_args(bpe_data, tmp_path / "x", "--freeze-embeddings")))
+
+
+def test_the_tokenizer_travels_in_safetensors_exports(tmp_path) -> None:
+    from checkpoints import export_safetensors
+    from conftest import tiny_config
+    from models import CaptionModel
+    model = CaptionModel(tiny_config(vocab="bpe"))
+    tokenizer_json = vocab.train_bpe(CAPTIONS, 10).to_str()
+    checkpoint = {"model_config": model.config.to_dict(), "word_map": {"<pad>": 0}, "tokenizer": tokenizer_json,
+                  "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(), "image_size": 64}
+    export_safetensors(checkpoint, tmp_path / "model.safetensors")
+    loaded = load_checkpoint(tmp_path / "model.safetensors")
+    assert loaded["tokenizer"] == tokenizer_json and loaded["model_config"]["vocab"] == "bpe"
+    assert model_from_checkpoint(loaded)[0].config.vocab == "bpe"
