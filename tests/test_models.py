@@ -66,7 +66,8 @@ def test_inception_v3_is_torchvisions_mixed_7c_on_its_documented_input(tmp_path)
     299 first; weights load from a file (random here: the ImageNet ones are a download)."""
     import torchvision
     torch.manual_seed(0)
-    reference = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True).eval()
+    reference = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                                 init_weights=True).eval()
     torch.save(reference.state_dict(), tmp_path / "inception.pth")
     encoder = Encoder("inception_v3", encoded_size=8, weights=str(tmp_path / "inception.pth")).eval()
     images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
