@@ -3,6 +3,7 @@
 Examples:
   python caption.py --img photo.jpg --checkpoint checkpoints/checkpoint_best.pt
   python caption.py --img photos/ --checkpoint checkpoints/checkpoint_best.pt --out captions/
+  python caption.py --img photo.jpg --checkpoint run1/checkpoint_best.pt run2/checkpoint_best.pt   # an ensemble
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def list_images(path: Path) -> list[Path]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img", required=True, help="an image file (JPEG, PNG, ... any size or mode) or a folder of them")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (holds the word map)")
+    p.add_argument("--checkpoint", required=True, nargs="+", action="extend",
+                   help="a checkpoint written by train.py (holds the word map); several decode as one ensemble "
+                        "(same word map and image size) whose attention plot is the mean of its members'")
     p.add_argument("--beam-size", type=bounded_int(1, MAX_BEAM_SIZE), default=5,
                    help=f"beam size, up to {MAX_BEAM_SIZE} (default: 5)")
     p.add_argument("--max-len", type=bounded_int(1, MAX_CAPTION_WORDS), default=50,
@@ -52,17 +55,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from checkpoints import load_checkpoint, model_from_checkpoint
     from datasets import BadImage, load_image
     from devices import resolve_device
-    from inference import caption_images, texts
+    from ensemble import load_models
+    from inference import caption_images, texts, word_attention
     from plots import plot_attention
 
     device = resolve_device(args.device)
     paths = list_images(Path(args.img))
-    checkpoint = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    model, word_map = model_from_checkpoint(checkpoint, args.checkpoint)
-    size = int(checkpoint.get("image_size", 256))
+    model, word_map, size = load_models(args.checkpoint, trust=args.trust_checkpoint)
     images = []
     for path in paths:
         try:
@@ -70,17 +71,19 @@ def run(args: argparse.Namespace) -> None:
         except BadImage as e:
             raise SatError(f"{path}: {e}") from None
     captions = caption_images(model.to(device), images, word_map, args.beam_size, args.max_len, device)
-    sentences = texts(captions, word_map)
+    subwords = model.config.vocab == "bpe"
+    sentences = texts(captions, word_map, subwords)
     out = Path(args.out)
     plot = not args.no_plot and model.decoder.attends
     if not args.no_plot and not plot:
-        print(f"note: decoder '{model.config.decoder}' has no attention: no attention plots")
+        print(f"note: decoder '{model.name}' has no attention: no attention plots")
     written = []
     for path, image, caption, sentence in zip(paths, images, captions, sentences):
         print(sentence if len(paths) == 1 else f"{path.name}: {sentence}")
         if plot:
             written.append(out / plot_name(path, paths))
-            plot_attention(image, sentence.split(), caption.alphas, written[-1], caption.sentinel)
+            words, alphas, sentinel = word_attention(caption, word_map, subwords)  # one map per word
+            plot_attention(image, words, alphas, written[-1], sentinel)
     if Path(args.img).is_dir():
         written.append(out / "captions.csv")
         with atomic_path(written[-1]) as tmp, open(tmp, "w", newline="") as f:

@@ -2,7 +2,8 @@
 rebuilding the model from a checkpoint alone.
 
 A checkpoint is a dict of plain data and tensors (torch.save's zip format): the encoder and decoder state_dicts,
-the ModelConfig and TrainConfig as dicts, the word map, the training image size and, for a training checkpoint,
+the ModelConfig and TrainConfig as dicts, the word map (and, for BPE sub-words, the tokenizer as a JSON string),
+the training image size and, for a training checkpoint,
 the optimizer (learning rates included), loss-scaler and RNG states and the position in the run. `format` is its
 version: 2 since the doubly stochastic penalty became the paper's sum over pixels and the deep output layer the
 default.
@@ -43,7 +44,8 @@ def export_safetensors(checkpoint: dict, path: str | os.PathLike) -> None:
     tensors = {f"{part}.{name}": t.contiguous() for part in ("encoder", "decoder")
                for name, t in checkpoint[part].items()}
     metadata = {"format": "sat", "version": str(FORMAT), "model_config": json.dumps(checkpoint["model_config"]),
-                "word_map": json.dumps(checkpoint["word_map"]), "image_size": str(checkpoint.get("image_size", 256))}
+                "word_map": json.dumps(checkpoint["word_map"]), "image_size": str(checkpoint.get("image_size", 256)),
+                **({"tokenizer": checkpoint["tokenizer"]} if checkpoint.get("tokenizer") else {})}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -60,8 +62,10 @@ def _load_safetensors(path: Path) -> dict:
         raise SatError(f"{path}: a safetensors file without sat's metadata (model_config, word_map)")
     split = {part: {n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith(part + ".")}
              for part in ("encoder", "decoder")}
+    tokenizer = {"tokenizer": metadata["tokenizer"]} if "tokenizer" in metadata else {}
     return upgrade({"format": int(metadata.get("version", 1)), "model_config": json.loads(metadata["model_config"]),
-                    "word_map": json.loads(metadata["word_map"]), "image_size": int(metadata["image_size"]), **split})
+                    "word_map": json.loads(metadata["word_map"]), "image_size": int(metadata["image_size"]), **split,
+                    **tokenizer})
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
@@ -118,7 +122,7 @@ def upgrade(checkpoint: dict) -> dict:
 
 def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple[CaptionModel, dict[str, int]]:
     """Rebuild the model from a checkpoint's own config and weights; no other file is needed."""
-    cfg = from_dict(ModelConfig, checkpoint.get("model_config"), source)
+    cfg = from_dict(ModelConfig, checkpoint.get("model_config"), source, legacy=LEGACY_MODEL_OPTIONS)
     model = CaptionModel(cfg)
     try:
         model.encoder.load_state_dict(checkpoint["encoder"])

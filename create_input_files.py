@@ -6,6 +6,7 @@ Examples:
       --image-folder /data/coco --output-folder data/coco
   python create_input_files.py --dataset folder --captions-csv captions.csv --image-folder photos/ \\
       --output-folder data/mine
+  python create_input_files.py --vocab bpe --bpe-merges 4000      # sub-words instead of whole words
 """
 from __future__ import annotations
 
@@ -33,12 +34,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="captions kept per image: sampled with --seed when there are more, repeated when "
                         "fewer (default: 5)")
     p.add_argument("--min-word-freq", type=positive_int, default=5,
-                   help="training words seen fewer times become <unk> (default: 5)")
+                   help="training words seen fewer times become <unk>; whole-word vocabularies only (default: 5)")
     p.add_argument("--word-map", metavar="WORDMAP.json",
                    help="encode the captions with this word map instead of building one from the training "
                         "captions, e.g. the old tutorial's WORDMAP_*.json, so that a model converted with "
                         "convert_tutorial.py can be scored on the outputs; words it lacks become <unk> "
                         "(default: build one)")
+    p.add_argument("--vocab", choices=["word", "bpe"], default="word",
+                   help="whole words seen --min-word-freq times, or BPE sub-words learnt from the training "
+                        "captions (Hugging Face tokenizers), so that rare and misspelt words are spelled in "
+                        "pieces instead of becoming <unk> (default: word)")
+    p.add_argument("--bpe-merges", type=positive_int, default=4000,
+                   help="--vocab bpe: number of merges, i.e. sub-words beyond the characters (default: 4000)")
     p.add_argument("--max-len", type=positive_int, default=50,
                    help="captions longer than this many words are dropped (default: 50)")
     p.add_argument("--image-size", type=positive_int, default=256, help="images are resized to S x S (default: 256)")
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     import shapes
     from datasets import create_input_files, read_csv_folder, read_karpathy, read_word_map
+    if args.word_map and args.vocab == "bpe":
+        raise SatError("--word-map gives a whole-word vocabulary: it cannot combine with --vocab bpe")
     word_map = read_word_map(args.word_map) if args.word_map else None  # a bad one stops us before any work
     boxes = None
     if args.dataset == "shapes":
@@ -91,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
     data_name = create_input_files(records, args.dataset, args.output_folder, args.captions_per_image,
                                    args.min_word_freq, args.max_len, args.image_size, args.seed,
                                    args.skip_bad_images, args.overwrite, args.workers, args.max_image_pixels,
-                                   boxes, str(source), word_map)
+                                   boxes, str(source), word_map, args.bpe_merges if args.vocab == "bpe" else None)
     print(f"wrote {args.output_folder}/*_{data_name}.* (use --data-folder {args.output_folder} "
           f"--data-name {data_name})")
 

@@ -6,6 +6,7 @@ Files written for a base name such as `coco_5_cap_per_img_5_min_word_freq`:
   {SPLIT}_CAPLENS_{base}.json  caption lengths counting <start> and <end>
   {SPLIT}_REFS_{base}.json     every original caption of each image (the references for BLEU and friends)
   WORDMAP_{base}.json          word -> index, <pad> = 0
+  TOKENIZER_{base}.json        --vocab bpe only: the Hugging Face BPE tokenizer; WORDMAP is its vocabulary
   BOXES_{base}.json            shapes only: each object's box and the words that refer to it
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import vocab
 from config import DEFAULT_MAX_PIXELS
 from utils import SPECIAL_TOKENS, SatError, atomic_path, read_json, write_json
 
@@ -229,27 +231,38 @@ def create_input_files(records: list[Record], dataset: str, output_folder: str |
                        captions_per_image: int = 5, min_word_freq: int = 5, max_len: int = 50,
                        image_size: int = 256, seed: int = 0, skip_bad_images: bool = False,
                        overwrite: bool = False, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       boxes: dict | None = None, source: str = "", word_map: dict[str, int] | None = None) -> str:
+                       boxes: dict | None = None, source: str = "", word_map: dict[str, int] | None = None,
+                       bpe_merges: int | None = None) -> str:
     """Write the HDF5 + JSON files for every split and return the base name they share.
 
     `word_map` (e.g. the old tutorial's, so that a converted tutorial model scores on these files) replaces the
-    vocabulary built from the training captions; words it lacks become <unk>.
+    vocabulary built from the training captions; words it lacks become <unk>. With `bpe_merges` instead, the
+    vocabulary is BPE sub-words learnt from the training captions with that many merges (vocab.py; min_word_freq
+    does not apply) and TOKENIZER_{name}.json is written too; captions are then padded to the longest caption of
+    their split in pieces, and `max_len` still counts words.
 
     Nothing appears under the final names unless every file was written: all outputs go to temporary
     files that are renamed together at the end.
     """
     out = Path(output_folder)
-    data_name = base_name(dataset, captions_per_image, min_word_freq)
+    data_name = base_name(dataset, captions_per_image, min_word_freq) if bpe_merges is None else \
+        f"{dataset}_{captions_per_image}_cap_per_img_{bpe_merges}_bpe_merges"
     skipped: list[dict] = []
     records = _with_usable_captions(records, max_len, skip_bad_images, source, skipped)
     _check_splits(records, source)
     outputs = [split_file(out, s, k, data_name) for s in SPLITS for k in ("IMAGES", "CAPTIONS", "CAPLENS", "REFS")]
     outputs += [word_map_file(out, data_name)] + ([out / f"BOXES_{data_name}.json"] if boxes is not None else [])
+    outputs += [vocab.tokenizer_file(out, data_name)] if bpe_merges is not None else []
     existing = [p for p in outputs if p.exists()]
     if existing and not overwrite:
         raise SatError(f"{existing[0]}: already exists (pass --overwrite to replace the outputs)")
     out.mkdir(parents=True, exist_ok=True)
 
+    tokenizer = None
+    if bpe_merges is not None:
+        tokenizer = vocab.train_bpe([c for r in records if r.split == "TRAIN" for c in r.captions], bpe_merges)
+        word_map = vocab.word_map_of(tokenizer)
+        print(f"BPE: {vocab.merge_count(tokenizer.to_str())} merges, {len(word_map)} sub-words")
     word_map = word_map or build_word_map(records, min_word_freq)
     rng = random.Random(seed)
     with ExitStack() as stack:
@@ -261,16 +274,19 @@ def create_input_files(records: list[Record], dataset: str, output_folder: str |
                                  skipped)
             if not kept:
                 raise SatError(f"{source}: no usable image left in the {split.lower()} split")
-            captions, lengths = [], []
-            for r in kept:
-                for c in choose_captions(r.captions, captions_per_image, rng):
-                    captions.append(encode_caption(c, word_map, max_len))
-                    lengths.append(len(c) + 2)
+            chosen = [c for r in kept for c in choose_captions(r.captions, captions_per_image, rng)]
+            if tokenizer is not None:  # the pieces of each caption, padded to the split's longest
+                chosen = [vocab.encode(tokenizer, c) for c in chosen]
+            pad_to = max_len if tokenizer is None else max(len(c) for c in chosen)
+            captions = [encode_caption(c, word_map, pad_to) for c in chosen]
+            lengths = [len(c) + 2 for c in chosen]
             tmp[split_file(out, split, "CAPTIONS", data_name)].write_text(json.dumps(captions))
             tmp[split_file(out, split, "CAPLENS", data_name)].write_text(json.dumps(lengths))
             tmp[split_file(out, split, "REFS", data_name)].write_text(
                 json.dumps([[" ".join(c) for c in r.references or r.captions] for r in kept]))
         tmp[word_map_file(out, data_name)].write_text(json.dumps(word_map))
+        if tokenizer is not None:
+            tmp[vocab.tokenizer_file(out, data_name)].write_text(tokenizer.to_str())
         if boxes is not None:
             tmp[out / f"BOXES_{data_name}.json"].write_text(json.dumps(boxes))
     report = out / f"SKIPPED_{data_name}.json"

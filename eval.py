@@ -1,8 +1,9 @@
 """Caption a split with beam search at several beam sizes and score it.
 
-Example:
+Examples:
   python eval.py --checkpoint checkpoints/checkpoint_best.pt --data-folder data/shapes \\
       --data-name shapes_5_cap_per_img_5_min_word_freq --split test --beam-sizes 1 3 5 --gallery
+  python eval.py --checkpoint run1/checkpoint_best.pt run2/checkpoint_best.pt ...     # an ensemble of two
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, boun
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--checkpoint", required=True, nargs="+", action="extend",
+                   help="a checkpoint written by train.py (or its .safetensors export); several (--checkpoint A B, "
+                        "or the flag repeated) decode as one ensemble that averages their log-probabilities at "
+                        "every step: they must share the word map and the image size")
     p.add_argument("--data-folder", default="data/shapes", help="folder of create_input_files.py's outputs "
                                                                 "(default: data/shapes)")
     p.add_argument("--data-name", default="shapes_5_cap_per_img_5_min_word_freq",
@@ -52,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-features", action="store_true",
                    help="encode the split once into (or reuse) the fp16 feature cache that train.py "
                         "--cache-features writes, keyed on the checkpoint's encoder weights (default: off)")
-    p.add_argument("--out", help="folder for the captions and scores (default: eval_SPLIT beside the checkpoint)")
+    p.add_argument("--out", help="folder for the captions and scores (default: eval_SPLIT beside the checkpoint, "
+                                 "eval_SPLIT_ensembleN beside the first of N)")
     p.add_argument("--gallery", action="store_true",
                    help="also write OUT/gallery/index.html: every image of the split with its captions at each beam "
                         "size, the references, per-image CIDEr-D (and with --grounding whether each caption is true "
@@ -77,11 +82,11 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> None:
     import gallery
     import metrics
-    from checkpoints import load_checkpoint, model_from_checkpoint
     from datasets import ImageCaptionsDataset, check_word_map
     from devices import resolve_device
+    from ensemble import feature_encoder, load_models
     from features import cached_features
-    from inference import caption_split, texts
+    from inference import caption_split, texts, word_attention
 
     metric_names = parse_metrics(args.metrics)
     show = args.gallery or args.compare is not None
@@ -89,13 +94,12 @@ def run(args: argparse.Namespace) -> None:
         raise SatError(f"--metrics {args.metrics}: the gallery sorts by per-image CIDEr-D; add cider")
     other = gallery.read_evaluation(args.compare) if args.compare else None  # before the long part: fail early
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-    model, word_map = model_from_checkpoint(checkpoint, args.checkpoint)
-    check_word_map(word_map, args.data_folder, args.data_name, args.checkpoint)
+    model, word_map, _ = load_models(args.checkpoint, trust=args.trust_checkpoint)
+    check_word_map(word_map, args.data_folder, args.data_name, args.checkpoint[0])
     model.to(device)
     features = None
     if args.cache_features:
-        features = cached_features(model.encoder, args.data_folder, args.data_name, args.split, device,
+        features = cached_features(feature_encoder(model), args.data_folder, args.data_name, args.split, device,
                                    args.batch_size)
     dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split, features=features)
     if other is not None:
@@ -103,12 +107,14 @@ def run(args: argparse.Namespace) -> None:
         gallery.sort_beam(args.beam_sizes, other, args.compare)
     results = caption_split(model, dataset, word_map, args.beam_sizes, args.max_len, args.batch_size, device,
                             args.length_penalty, args.workers, amp=args.amp)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
+    ensemble = "" if len(args.checkpoint) == 1 else f"_ensemble{len(args.checkpoint)}"
+    out = Path(args.out) if args.out else Path(args.checkpoint[0]).parent / f"eval_{args.split}{ensemble}"
     objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     attends = model.decoder.attends  # lstm and rnn look at no pixel
     scores, per_image, notes = {}, {}, {}
+    subwords = model.config.vocab == "bpe"  # BPE pieces are joined into words: every score is on words
     for k, captions in results.items():
-        hypotheses = texts(captions, word_map)
+        hypotheses = texts(captions, word_map, subwords)
         computed = metrics.score_captions(dataset.references, hypotheses, metric_names, args.bleu)
         scores[f"beam{k}"], notes = computed.corpus, computed.unavailable
         verdicts = grounding = None
@@ -116,16 +122,16 @@ def run(args: argparse.Namespace) -> None:
             verdicts = metrics.judge_captions(hypotheses, objects)
             scores[f"beam{k}"].update(metrics.correctness_scores(verdicts))
             if attends:
-                words, alphas = [h.split() for h in hypotheses], [c.alphas for c in captions]
-                scores[f"beam{k}"].update(metrics.attention_grounding(words, alphas, objects))
+                words, alphas, _ = zip(*(word_attention(c, word_map, subwords) for c in captions))
+                scores[f"beam{k}"].update(metrics.attention_grounding(list(words), list(alphas), objects))
                 grounding = [metrics.attention_grounding([w], [a], [o]) for w, a, o in zip(words, alphas, objects)]
         per_image[f"beam{k}"] = gallery.beam_record(hypotheses, computed, verdicts, grounding)
         write_json(out / f"captions_beam{k}.json",
                    [{"image_id": i, "caption": h} for i, h in zip(dataset.files.image_ids, hypotheses)])
     if args.grounding and not attends:
-        notes["grounding"] = f"attention grounding: n/a, decoder '{model.config.decoder}' has no attention"
+        notes["grounding"] = f"attention grounding: n/a, decoder '{model.name}' has no attention"
     write_json(out / "scores.json", {**scores, "unavailable": notes})
-    evaluation = gallery.Evaluation(str(args.checkpoint), model.config.decoder, args.split, dataset.files.image_ids,
+    evaluation = gallery.Evaluation(" ".join(args.checkpoint), model.name, args.split, dataset.files.image_ids,
                                     per_image, scores)
     write_json(out / gallery.PER_IMAGE, evaluation.to_json())
     if show:

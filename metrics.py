@@ -206,7 +206,8 @@ def attention_grounding(words: list[list[str]], alphas: list[torch.Tensor],
                         objects: list[list[dict]]) -> dict[str, float]:
     """Do the model's eyes follow its words? For every generated word that names an object in the image
     (its colour or shape word): the share of attention mass inside the boxes of the objects it names, and
-    whether the most-attended cell lies inside one of them (pointing accuracy), both x100; and, for
+    whether the most-attended cell lies inside one of them (pointing accuracy; a word that attends to no pixel
+    at all, possible with sparse attention, is a miss), both x100; and, for
     comparison, the in-box share that a uniform attention map would get (the boxes' share of the image).
 
     words: per image, the generated words; alphas: per image, (len(words), P); objects: per image, the
@@ -222,7 +223,9 @@ def attention_grounding(words: list[list[str]], alphas: list[torch.Tensor],
             coverage = cell_coverage(boxes, grid)
             shares.append(float((alpha.double() * coverage).sum()))
             chance.append(float(coverage.mean()))  # what a uniform attention map would score
-            hits.append(float(coverage[int(alpha.argmax())] > 0.5))
+            # Sparse attention can give every pixel exactly 0 (adaptive attention's sentinel took all the weight):
+            # such a word pointed nowhere, which is a miss, not a look at cell 0 (the argmax of zeros).
+            hits.append(float(bool(alpha.max() > 0) and coverage[int(alpha.argmax())] > 0.5))
     if not shares:
         return {"attention_in_box": 0.0, "uniform_in_box": 0.0, "pointing_accuracy": 0.0, "grounded_words": 0}
     return {"attention_in_box": 100.0 * sum(shares) / len(shares), "uniform_in_box": 100.0 * sum(chance) / len(chance),

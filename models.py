@@ -14,13 +14,18 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from config import DECODER_NAMES, ENCODER_CHANNELS, ModelConfig
+import vocab
+from config import ATTENTION_NORMALIZERS, DECODER_NAMES, ENCODER_CHANNELS, ModelConfig
 from utils import SatError
 
 # name -> (mean, std) of the input normalisation; every encoder normalises its own uint8 input.
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ENCODERS = {name: IMAGENET for name in ENCODER_CHANNELS if name.startswith("resnet")}
 ENCODERS["tf_efficientnet_lite0"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# torchvision documents ImageNet's mean and std for Inception-v3, and its pretrained model then maps that input back
+# to (x - 0.5) / 0.5 (transform_input=True, how Google trained it): normalising so directly is the same thing.
+ENCODERS["inception_v3"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+INCEPTION_SIZE = 299  # Inception-v3's input side: 8 x 8 activations before its average pooling
 
 
 # ------------------------------------------------------------------------------------------------------ encoder
@@ -38,19 +43,46 @@ def _load_state_dict(path: str) -> dict:
 def _resnet(name: str, weights: str, stride: int) -> nn.Module:
     model = getattr(torchvision.models, name)(weights=None)
     if weights == "default":
-        enum = torchvision.models.get_model_weights(name).DEFAULT  # IMAGENET1K_V2 for resnet50/101/152
-        try:
-            state = enum.get_state_dict(progress=True, check_hash=True)
-        except Exception as e:  # noqa: BLE001 - urllib, ssl and hash errors all mean "no weights"
-            raise SatError(f"could not download {name} ImageNet weights from {enum.url} ({e}). Offline? Download "
-                           "that file on a connected machine and pass --encoder-weights PATH, or train from "
-                           "scratch with --encoder-weights none") from None
-        model.load_state_dict(state)
+        # IMAGENET1K_V2 for resnet50/101/152
+        model.load_state_dict(_download(name, torchvision.models.get_model_weights(name).DEFAULT))
     elif weights != "none":
         model.load_state_dict(_load_state_dict(weights))
     # conv1, bn1, relu, maxpool, layer1 (stride 4), layer2 (8), layer3 (16), layer4 (32); then pooling and classifier
     keep = {32: -2, 16: -3, 8: -4}[stride]
     return nn.Sequential(*list(model.children())[:keep])
+
+
+def _download(name: str, enum: torchvision.models.WeightsEnum) -> dict:
+    try:
+        return enum.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - urllib, ssl and hash errors all mean "no weights"
+        raise SatError(f"could not download {name} ImageNet weights from {enum.url} ({e}). Offline? Download "
+                       "that file on a connected machine and pass --encoder-weights PATH, or train from "
+                       "scratch with --encoder-weights none") from None
+
+
+class Resize(nn.Module):
+    """Images to side x side (bilinear, antialiased), unless they are that size already."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] == (self.side, self.side):
+            return x
+        return F.interpolate(x, size=(self.side, self.side), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _inception_v3(weights: str) -> nn.Module:
+    """Inception-v3 up to Mixed_7c: 2048 x 8 x 8 activations of a 299 x 299 image (other sizes are resized to it)."""
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=weights == "none")
+    if weights == "default":
+        model.load_state_dict(_download("inception_v3", torchvision.models.Inception_V3_Weights.DEFAULT))
+    elif weights != "none":
+        model.load_state_dict(_load_state_dict(weights))
+    blocks = [m for name, m in model.named_children() if name not in ("AuxLogits", "avgpool", "dropout", "fc")]
+    return nn.Sequential(Resize(INCEPTION_SIZE), *blocks)
 
 
 def _efficientnet_lite0(weights: str, stride: int) -> nn.Module:
@@ -91,8 +123,16 @@ class Encoder(nn.Module):
                            f"{', '.join(map(str, ENCODER_CHANNELS[name]))})")
         mean, std = ENCODERS[name]
         self.name, self.stride = name, stride
-        self.backbone = (_efficientnet_lite0(weights, stride) if name.startswith("tf_")
-                         else _resnet(name, weights, stride))
+        if name == "inception_v3":
+            self.backbone = _inception_v3(weights)
+        elif name.startswith("tf_"):
+            self.backbone = _efficientnet_lite0(weights, stride)
+        else:
+            self.backbone = _resnet(name, weights, stride)
+        # Where fine-tuning starts: child 5 is layer2 of a ResNet (conv1, bn1, relu, maxpool, layer1 come first)
+        # and stage 3 of an EfficientNet (conv_stem, bn1, stages 0-2); child 8 is Inception-v3's first Inception
+        # block, Mixed_5b (the resize, five convolutions and two poolings come first).
+        self.fine_tune_from = 8 if name == "inception_v3" else 5
         self.pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -107,12 +147,11 @@ class Encoder(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, P, C)
 
     def fine_tune(self, enabled: bool = True) -> None:
-        """Train only the later blocks (ResNet layers 2-4, as in the tutorial; the last 4 EfficientNet stages)."""
+        """Train only the later blocks (ResNet layers 2-4, as in the tutorial; the last 4 EfficientNet stages;
+        Inception-v3's Inception blocks)."""
         for p in self.backbone.parameters():
             p.requires_grad = False
-        # Child 5 is layer2 of a ResNet (conv1, bn1, relu, maxpool, layer1 come first) and stage 3 of an
-        # EfficientNet (conv_stem, bn1, stages 0-2 come first).
-        for child in list(self.backbone.children())[5:]:
+        for child in list(self.backbone.children())[self.fine_tune_from:]:
             for p in child.parameters():
                 p.requires_grad = enabled
 
@@ -126,8 +165,27 @@ class Encoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------- decoders
 
+def check_normalizer(name: str) -> None:
+    if name not in ATTENTION_NORMALIZERS:
+        raise SatError(f"unknown attention normalizer '{name}' (choose from {', '.join(ATTENTION_NORMALIZERS)})")
+    if name != "softmax" and importlib.util.find_spec("entmax") is None:
+        raise SatError(f"--attention-normalizer {name} needs the 'entmax' package (pip install entmax)")
+
+
+def normalize_attention(scores: torch.Tensor, dim: int, name: str = "softmax") -> torch.Tensor:
+    """Scores -> weights along `dim` that sum to 1: softmax, or sparsemax / 1.5-entmax, which set the weights of
+    low scores to exactly 0 (their Jacobian is zero there too, so nothing downstream may take their log)."""
+    if name == "softmax":
+        return torch.softmax(scores, dim=dim)
+    import entmax
+    function = entmax.sparsemax if name == "sparsemax" else entmax.entmax15
+    # In float32 whatever the autocast dtype: the threshold search sorts and sums the scores.
+    return function(scores.float(), dim=dim)
+
+
 class Attention(nn.Module):
-    """Soft attention: a score per pixel from the encoder and decoder projections, softmaxed over pixels.
+    """Soft attention: a score per pixel from the encoder and decoder projections, normalised over pixels (softmax
+    in the paper; sparsemax or 1.5-entmax with `normalizer`).
 
     With coverage (See et al. 2017, for the repetition that the doubly stochastic penalty targets in the paper),
     the score also sees how much attention each pixel has received so far: e_ti = w . f(W_a a_i + W_h h + w_c c_ti),
@@ -135,7 +193,7 @@ class Attention(nn.Module):
     """
 
     def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int, activation: str = "relu",
-                 coverage: bool = False):
+                 coverage: bool = False, normalizer: str = "softmax"):
         super().__init__()
         self.encoder_att = nn.Linear(encoder_dim, attention_dim)
         self.decoder_att = nn.Linear(decoder_dim, attention_dim)
@@ -145,6 +203,11 @@ class Attention(nn.Module):
             raise SatError(f"unknown attention activation '{activation}' (relu or tanh)")
         self.activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu if activation == "relu" else torch.tanh
         self.activation_: Callable[[torch.Tensor], torch.Tensor] = torch.relu_ if activation == "relu" else torch.tanh_
+        check_normalizer(normalizer)
+        self.normalizer = normalizer
+
+    def normalize(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
+        return normalize_attention(scores, dim, self.normalizer)
 
     def project(self, encoder_out: torch.Tensor) -> torch.Tensor:
         """encoder_out (B, P, C) -> (B, P, A); done once per image, not at every step."""
@@ -164,7 +227,7 @@ class Attention(nn.Module):
         """
         B, P, C = encoder_out.shape
         h_att = self.decoder_att(h).view(B, -1, 1, projected.size(2))  # (B, K, 1, A)
-        alpha = torch.softmax(self.pixel_scores(projected, h_att, coverage), dim=2)  # (B, K, P)
+        alpha = self.normalize(self.pixel_scores(projected, h_att, coverage), 2)  # (B, K, P)
         context = torch.bmm(alpha, encoder_out)  # (B, K, C)
         return context.view(-1, C), alpha.view(-1, P)
 
@@ -343,7 +406,8 @@ class DecoderWithAttention(Decoder):
         self.coordinates = cfg.coordinates
         if cfg.output_layer not in ("deep", "linear"):
             raise SatError(f"unknown output layer '{cfg.output_layer}' (deep or linear)")
-        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation, cfg.coverage)
+        self.attention = Attention(C, D, cfg.attention_dim, cfg.attention_activation, coverage=cfg.coverage,
+                                   normalizer=cfg.attention_normalizer)
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.dropout = nn.Dropout(cfg.dropout)
         self.lstm = nn.LSTMCell(E + C, D)
@@ -495,7 +559,8 @@ class AdaptiveAttentionDecoder(Decoder):
         self.coordinates = cfg.coordinates
         self.image_att = nn.Linear(cfg.annotation_dim, D)  # v_i = ReLU(W_a a_i): annotation vectors in the LSTM's space
         self.image_global = nn.Linear(C, D)  # v^g = ReLU(W_b a^g) from the mean annotation vector
-        self.attention = Attention(D, D, cfg.attention_dim, cfg.attention_activation)
+        self.attention = Attention(D, D, cfg.attention_dim, cfg.attention_activation,
+                                   normalizer=cfg.attention_normalizer)
         self.sentinel_att = nn.Linear(D, cfg.attention_dim)  # W_s
         self.embedding = nn.Embedding(cfg.vocab_size, E)
         self.lstm = nn.LSTMCell(E + D, D)
@@ -525,7 +590,7 @@ class AdaptiveAttentionDecoder(Decoder):
         h_att = self.attention.decoder_att(h)  # (B*K, A)
         z = self.attention.pixel_scores(memory["projected"], h_att.view(B, -1, 1, h_att.size(1)))  # (B, K, P)
         z_s = self.attention.score(self.sentinel_att(s) + h_att)  # (B*K,)
-        alpha = torch.softmax(torch.cat([z.view(len(h), -1), z_s.unsqueeze(1)], dim=1), dim=1)  # (B*K, P+1)
+        alpha = self.attention.normalize(torch.cat([z.view(len(h), -1), z_s.unsqueeze(1)], dim=1), 1)  # (B*K, P+1)
         P = v.size(1)
         context = torch.bmm(alpha[:, :P].view(B, -1, P), v).view(len(h), -1)  # (1 - beta) c_t, (B*K, D)
         c_hat = context + alpha[:, P:] * s
@@ -594,9 +659,16 @@ class CaptionModel(nn.Module):
         super().__init__()
         if cfg.decoder not in DECODERS:
             raise SatError(f"unknown decoder '{cfg.decoder}' (choose from {', '.join(DECODERS)})")
+        if cfg.attention_normalizer != "softmax" and cfg.decoder not in ("soft", "adaptive"):
+            raise SatError(f"--attention-normalizer {cfg.attention_normalizer} is for the soft and adaptive decoders, "
+                           f"not '{cfg.decoder}'")
         self.config = cfg
         self.encoder = Encoder(cfg.encoder, cfg.encoded_size, encoder_weights, cfg.encoder_stride)
         self.decoder = DECODERS[cfg.decoder](cfg)
+
+    @property
+    def name(self) -> str:
+        return self.config.decoder
 
 
 # ------------------------------------------------------------------------------------------------- beam search
@@ -699,7 +771,11 @@ def _best_beam(beams: dict[str, torch.Tensor], length_penalty: float, max_len: i
                    spatial / spatial.sum(dim=1, keepdim=True).clamp(min=1e-12), done, alphas[:, -1])
 
 
-def decode_tokens(tokens: list[int], rev_word_map: dict[int, str]) -> str:
-    """Token ids to a sentence, leaving out <start>, <end> and <pad>."""
+def decode_tokens(tokens: list[int], rev_word_map: dict[int, str], subwords: bool = False) -> str:
+    """Token ids to a sentence, leaving out <start>, <end> and <pad>; BPE pieces joined into words."""
+    return " ".join(word for word, _ in vocab.words(caption_pieces(tokens, rev_word_map), subwords))
+
+
+def caption_pieces(tokens: list[int], rev_word_map: dict[int, str]) -> list[str]:
     skip = {"<start>", "<end>", "<pad>"}
-    return " ".join(w for w in (rev_word_map[t] for t in tokens) if w not in skip)
+    return [w for w in (rev_word_map[t] for t in tokens) if w not in skip]

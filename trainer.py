@@ -20,9 +20,12 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import distributed
+from augment import Augment
+import embeddings
 import metrics
 import scst
 from board import IMAGES, Board, run_name
+import vocab
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ModelConfig, TrainConfig, defaults, explicit, flag, from_dict
 from datasets import ImageCaptionsDataset, check_word_map, word_map_file
@@ -101,9 +104,17 @@ def loss_terms(nll: torch.Tensor, top5: torch.Tensor, alphas: torch.Tensor,
 class Trainer:
     """One phase of training: its model, data, optimizer, progress, and the checkpoints it writes."""
 
-    def __init__(self, tc: TrainConfig, model: CaptionModel, word_map: dict[str, int], device: torch.device):
+    def __init__(self, tc: TrainConfig, model: CaptionModel, word_map: dict[str, int], device: torch.device,
+                 pretrained_rows: torch.Tensor | None = None):
         self.tc, self.model, self.word_map, self.device = tc, model, word_map, device
+        # Embedding rows initialised from GloVe (saved in checkpoints); --freeze-embeddings keeps them fixed.
+        self.pretrained_rows = pretrained_rows
+        if tc.freeze_embeddings and pretrained_rows is None:
+            raise SatError("--freeze-embeddings keeps pretrained embedding rows fixed: start the run with "
+                           "--embeddings glove (or a GloVe file)")
         self.pad = word_map["<pad>"]
+        # A BPE vocabulary's tokenizer (JSON), saved in every checkpoint with the word map it defines.
+        self.tokenizer_json = vocab.load_tokenizer_json(tc.data_folder, tc.data_name)
         self.out = Path(tc.checkpoint_dir)
         for stale in self.out.glob(".*.tmp"):  # utils.atomic_path's temp files, left by a run killed mid-write
             stale.unlink(missing_ok=True)  # every rank looks; one of them removes it
@@ -130,6 +141,10 @@ class Trainer:
         self.batch_log_likelihood = 0.0  # mean log p(caption) of the last batch, all ranks, where a decoder needs it
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss
         use_cache = tc.cache_features and not tc.fine_tune_encoder
+        if use_cache and tc.augment:
+            raise SatError("--augment changes every image at every epoch, and the feature cache holds one view of "
+                           "each: drop --cache-features (or --augment)")
+        self.augment = Augment(word_map, model.config.vocab == "bpe") if tc.augment else None
         self.train_set = self._dataset("train", use_cache)
         self.val_set = self._dataset("val", use_cache)
         # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
@@ -164,8 +179,11 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
+        extras = {"tokenizer": self.tokenizer_json} if self.tokenizer_json is not None else {}
+        if self.pretrained_rows is not None:
+            extras["pretrained_rows"] = self.pretrained_rows
         return {"model_config": self.model.config.to_dict(), "train_config": asdict(self.tc),
-                "word_map": self.word_map, "image_size": self.train_set.files.image_size,
+                "word_map": self.word_map, **extras, "image_size": self.train_set.files.image_size,
                 "encoder": self.model.encoder.state_dict(), "decoder": self.model.decoder.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": rng_state(self.device), "progress": asdict(self.progress)}
@@ -248,6 +266,8 @@ class Trainer:
         tc, p = self.tc, self.progress
         inputs = inputs.to(self.device, non_blocking=True)
         captions, lengths = captions.to(self.device), lengths.to(self.device)
+        if self.augment is not None:
+            inputs, captions = self.augment(inputs, captions)
         stand_in = self.sampler.stand_in(p.batches_done)  # this rank's share of the batch weighs zero
         amp = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
@@ -271,6 +291,9 @@ class Trainer:
             loss = distributed.world_size() * sum(term * (n / total) for (term, _), n, total in zip(terms, counts,
                                                                                                   totals))
         self.scaler.scale(loss).backward()
+        if self.tc.freeze_embeddings:
+            # Zero from the first step on, so that Adam's moments for these rows stay zero and so do their updates.
+            self.model.decoder.embedding.weight.grad[self.pretrained_rows] = 0.0
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([q for g in self.optimizer.param_groups for q in g["params"]], tc.grad_clip)
         self.scaler.step(self.optimizer)
@@ -355,7 +378,7 @@ class Trainer:
         captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
                                  batch_size=64, device=self.device, progress=distributed.is_main(),
                                  indices=distributed.shard(len(self.val_set)))[tc.val_beam_size]
-        hypotheses = distributed.gather(texts(captions, self.word_map))
+        hypotheses = distributed.gather(texts(captions, self.word_map, self.model.config.vocab == "bpe"))
         return distributed.from_main(
             lambda: metrics.caption_scores(self.val_set.references, hypotheses, ("bleu", "cider"))[0]), captions
 
@@ -435,12 +458,16 @@ def build_trainer(model_options: dict[str, Any], train_options: dict[str, Any], 
     torch.manual_seed(tc.seed)
     word_map = read_json(word_map_file(tc.data_folder, tc.data_name))
     if checkpoint is None:
-        model = CaptionModel(ModelConfig(vocab_size=len(word_map), **model_options), tc.encoder_weights)
+        kind = "word" if vocab.load_tokenizer_json(tc.data_folder, tc.data_name) is None else "bpe"
+        model = CaptionModel(ModelConfig(vocab_size=len(word_map), vocab=kind, **model_options), tc.encoder_weights)
+        pretrained_rows = None if tc.embeddings == "random" else \
+            embeddings.initialise(model.decoder.embedding, word_map, kind == "bpe", tc.embeddings, tc.seed)
     else:
         _refuse_other_model(model_options, checkpoint, resume)
         check_word_map(checkpoint["word_map"], tc.data_folder, tc.data_name, resume)
         model, _ = model_from_checkpoint(checkpoint, resume)
-    trainer = Trainer(tc, model.to(device), word_map, device)
+        pretrained_rows = checkpoint.get("pretrained_rows")
+    trainer = Trainer(tc, model.to(device), word_map, device, pretrained_rows)
     if checkpoint is not None and new_phase:
         trainer.start_phase(resume)  # a new phase: only the weights carry over
     elif checkpoint is not None:

@@ -67,6 +67,37 @@ def test_efficientnet_lite0_imagenet_weights_are_real() -> None:
     assert 281 <= int(logits.argmax()) <= 285  # ImageNet's domestic cat classes
 
 
+def test_inception_v3_is_torchvisions_mixed_7c_on_its_documented_input(tmp_path) -> None:
+    """The encoder computes torchvision's own Inception-v3 (the pretrained model's transform_input=True, fed the
+    ImageNet-normalised image it documents) up to Mixed_7c: 2048 x 8 x 8 at 299 px; a 224 px image is resized to
+    299 first; weights load from a file (random here: the ImageNet ones are a download)."""
+    import torchvision
+    torch.manual_seed(0)
+    reference = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                                 init_weights=True).eval()
+    torch.save(reference.state_dict(), tmp_path / "inception.pth")
+    encoder = Encoder("inception_v3", encoded_size=8, weights=str(tmp_path / "inception.pth")).eval()
+    images = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
+    captured = {}
+    reference.Mixed_7c.register_forward_hook(lambda _m, _i, out: captured.setdefault("out", out))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        reference((images.float() / 255 - mean) / std)
+        out = encoder(images)
+    assert out.shape == (1, 64, 2048)
+    expected = captured["out"].flatten(2).transpose(1, 2)
+    # Random weights make activations huge and the two normalisations round differently: compare to their scale.
+    assert float((out - expected).abs().max() / expected.abs().max()) < 1e-5
+    with torch.no_grad():
+        small = encoder(torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8))
+    assert small.shape == (1, 64, 2048)
+    encoder.fine_tune(True)
+    trainable = [name for name, child in encoder.backbone.named_children() if any(p.requires_grad for p in
+                                                                                  child.parameters())]
+    assert trainable[0] == "8" and len(trainable) == 11  # Mixed_5b ... Mixed_7c
+
+
 def test_attention_weights_sum_to_one_and_context_is_their_average() -> None:
     torch.manual_seed(0)
     attention = Attention(encoder_dim=8, decoder_dim=6, attention_dim=5)
@@ -224,3 +255,13 @@ def test_default_resnet_weights_download_or_say_what_to_do(tmp_path, monkeypatch
         return
     torch.manual_seed(0)
     assert not torch.equal(encoder.backbone[0].weight, Encoder("resnet18", 2, "none").backbone[0].weight)
+
+
+def test_default_inception_weights_download_or_say_what_to_do(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    try:
+        encoder = Encoder("inception_v3", encoded_size=8, weights="default")
+    except SatError as e:
+        assert "could not download inception_v3" in str(e) and "--encoder-weights PATH" in str(e)
+        return
+    assert encoder.backbone[1].conv.weight.abs().sum() > 0
