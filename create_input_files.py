@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import shapes
-    from datasets import create_input_files, read_csv_folder, read_karpathy
+    from datasets import create_input_files
+    from sources import read_csv_folder, read_karpathy
     boxes = None
     if args.dataset == "shapes":
         raw = Path(args.image_folder or Path(args.output_folder) / "shapes_raw")

@@ -73,18 +73,17 @@ def run(args: argparse.Namespace) -> None:
     metric_names = parse_metrics(args.metrics)
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    check_word_map(checkpoint["word_map"], args.data_folder, args.data_name, args.checkpoint)
+    dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split)  # checks the files
+    objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     model, word_map = model_from_checkpoint(checkpoint, args.checkpoint)
-    check_word_map(word_map, args.data_folder, args.data_name, args.checkpoint)
     model.to(device)
-    features = None
     if args.cache_features:
-        features = cached_features(model.encoder, args.data_folder, args.data_name, args.split, device,
-                                   args.batch_size)
-    dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split, features=features)
+        dataset.use_features(cached_features(model.encoder, args.data_folder, args.data_name, args.split, device,
+                                             args.batch_size))
     results = caption_split(model, dataset, word_map, args.beam_sizes, args.max_len, args.batch_size, device,
                             args.length_penalty, args.workers, amp=args.amp)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
-    objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     attends = model.decoder.attends  # lstm and rnn look at no pixel
     scores, notes = {}, {}
     for k, captions in results.items():
@@ -125,7 +124,20 @@ def load_boxes(data_folder: str, data_name: str, filenames: list[str]) -> list[l
         raise SatError(f"{path}: not found; --grounding needs the box file that create_input_files.py writes for "
                        "--dataset shapes")
     boxes = read_json(path)
+    if not isinstance(boxes, dict) or not all(isinstance(v, list) and all(map(_is_box, v)) for v in boxes.values()):
+        raise SatError(f"{path}: not a shapes box file (file name -> list of objects with shape, colour, size, box "
+                       "and words)")
     return [boxes.get(name, []) for name in filenames]
+
+
+def _is_box(obj: object) -> bool:
+    """One object of shapes.ShapeObject.sidecar: names, a box [x0, y0, x1, y1] in [0, 1], the words naming it."""
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("shape", "colour", "size")):
+        return False
+    box, words = obj.get("box"), obj.get("words")
+    return isinstance(box, list) and len(box) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in box) and \
+        isinstance(words, list) and all(isinstance(w, str) for w in words)
 
 
 def format_table(scores: dict[str, dict[str, float]], columns: dict[str, str]) -> str:
