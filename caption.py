@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     paths = list_images(Path(args.img))
     checkpoint = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     model, word_map = model_from_checkpoint(checkpoint, args.checkpoint)
-    size = int(checkpoint.get("image_size", 256))
+    size = checkpoint["image_size"]  # checked by load_checkpoint
     images = []
     for path in paths:
         try:

@@ -25,14 +25,27 @@ ENCODERS["tf_efficientnet_lite0"] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # ------------------------------------------------------------------------------------------------------ encoder
 
-def _load_state_dict(path: str) -> dict:
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict file (or a dict holding one under 'state_dict') of finite tensors, loaded without pickle."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SatError(f"{path}: encoder weights file not found") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise SatError(f"{path}: not a readable weights file ({str(e).splitlines()[0]})") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        raise SatError(f"{path}: not a readable weights file ({(str(e).splitlines() or [''])[0]})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise SatError(f"{path}: not a state_dict (a dict of tensors)")
+    if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+        raise SatError(f"{path}: holds NaN or infinite weights")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise SatError(f"{path}: does not hold {name} weights ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def _resnet(name: str, weights: str) -> nn.Module:
@@ -47,7 +60,7 @@ def _resnet(name: str, weights: str) -> nn.Module:
                            "scratch with --encoder-weights none") from None
         model.load_state_dict(state)
     elif weights != "none":
-        model.load_state_dict(_load_state_dict(weights))
+        _load_into(model, _load_state_dict(weights), weights, name)
     return nn.Sequential(*list(model.children())[:-2])  # drop the pooling and classification layers
 
 
@@ -70,7 +83,7 @@ def _efficientnet_lite0(weights: str) -> nn.Module:
             if [v.shape for v in source.values()] != [v.shape for v in target.values()]:
                 raise SatError(f"{weights}: does not hold tf_efficientnet_lite0 weights")
             source = dict(zip(target, source.values()))
-        model.load_state_dict(source)
+        _load_into(model, source, weights, "tf_efficientnet_lite0")
     return nn.Sequential(model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2)
 
 
