@@ -167,7 +167,9 @@ def build_trainer(args: argparse.Namespace, batch_images: int, *flags: str) -> T
             "--checkpoint-dir", str(Path(args.out) / "checkpoints"), "--encoder", args.encoder,
             "--encoder-weights", str(encoder_weights(args)), "--encoded-size", str(args.encoded_size),
             "--embed-dim", d, "--attention-dim", d, "--decoder-dim", d, "--batch-size", str(batch_images), *flags]
-    return trainer_from_args(train_parser().parse_args(argv + ["--amp"] * args.amp))
+    trainer = trainer_from_args(train_parser().parse_args(argv + ["--amp"] * args.amp))
+    trainer.close()  # the benchmark times steps; each worker process is alone with its folder anyway
+    return trainer
 
 
 def clock(device: torch.device) -> float:
