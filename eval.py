@@ -13,7 +13,7 @@ from pathlib import Path
 
 from config import MAX_BEAM_SIZE, MAX_CAPTION_WORDS
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, bounded_int, device_name, \
-    finite_float, non_negative_int, positive_int, read_json, run_cli, write_json
+    finite_float, read_json, run_cli, write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length-penalty", type=finite_float, default=0.0,
                    help="rank finished beams by score / length**this; 0 ranks by total log-probability "
                         "(default: 0)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded together (default: 32)")
-    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--batch-size", type=bounded_int(1, 100_000), default=32,
+                   help="images decoded together (default: 32)")
+    p.add_argument("--workers", type=bounded_int(0, 256), default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--amp", action="store_true",
                    help="decode in bf16 autocast (fp16 on GPUs without bf16); on a CPU only where it has native "
