@@ -47,10 +47,11 @@ from torch.utils.data import DataLoader
 
 import shapes
 from config import train_parser
-from datasets import ImageCaptionsDataset, base_name, create_input_files, read_karpathy, word_map_file
+from datasets import ImageCaptionsDataset, base_name, create_input_files, word_map_file
 from devices import resolve_device
 from features import cached_features, feature_file
 from inference import caption_split
+from sources import read_karpathy
 from trainer import EpochBatches, Trainer
 from trainer import from_args as trainer_from_args
 from utils import SatError, atomic_path, non_negative_int, positive_int, read_json, run_cli, \
@@ -166,7 +167,9 @@ def build_trainer(args: argparse.Namespace, batch_images: int, *flags: str) -> T
             "--checkpoint-dir", str(Path(args.out) / "checkpoints"), "--encoder", args.encoder,
             "--encoder-weights", str(encoder_weights(args)), "--encoded-size", str(args.encoded_size),
             "--embed-dim", d, "--attention-dim", d, "--decoder-dim", d, "--batch-size", str(batch_images), *flags]
-    return trainer_from_args(train_parser().parse_args(argv + ["--amp"] * args.amp))
+    trainer = trainer_from_args(train_parser().parse_args(argv + ["--amp"] * args.amp))
+    trainer.close()  # the benchmark times steps; each worker process is alone with its folder anyway
+    return trainer
 
 
 def clock(device: torch.device) -> float:

@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> None:
     if not args.no_plot and not plot:
         print(f"note: decoder '{model.name}' has no attention: no attention plots")
     written = []
-    for path, image, caption, sentence in zip(paths, images, captions, sentences):
+    for path, name, image, caption, sentence in zip(paths, plot_names(paths), images, captions, sentences):
         print(sentence if len(paths) == 1 else f"{path.name}: {sentence}")
         if plot:
-            written.append(out / plot_name(path, paths))
+            written.append(out / name)
             words, alphas, sentinel = word_attention(caption, word_map, subwords)  # one map per word
             plot_attention(image, words, alphas, written[-1], sentinel)
     if Path(args.img).is_dir():
@@ -96,10 +96,20 @@ def run(args: argparse.Namespace) -> None:
         print(f"... and {len(written) - 10} more files in {out}")
 
 
-def plot_name(path: Path, paths: list[Path]) -> str:
-    """{stem}_attention.png, or {name}_attention.png where two images share a stem (a.jpg and a.png)."""
+def plot_names(paths: list[Path]) -> list[str]:
+    """{stem}_attention.png, or {name}_attention.png where two images share a stem (a.jpg and a.png), each name
+    distinct: a name still taken (a.jpg and a.png beside a.jpg.png) gets a number."""
     stems = [p.stem for p in paths]
-    return f"{path.name if stems.count(path.stem) > 1 else path.stem}_attention.png"
+    names, taken = [], set()
+    for path in paths:
+        base = path.name if stems.count(path.stem) > 1 else path.stem
+        name, n = f"{base}_attention.png", 1
+        while name in taken:
+            n += 1
+            name = f"{base}_{n}_attention.png"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, bounded_int, decay_factor, device_name, \
-    non_negative_float, positive_float, positive_int, probability, seed_value, unit_interval
+from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, bounded_int, brief, decay_factor, \
+    device_name, non_negative_float, positive_float, positive_int, probability, seed_value, unit_interval
 
 # Encoder name -> {output stride: channels of the feature map taken there}. Stride 32 is the network's last map;
 # 16 and 8 are earlier stages, whose cells see less of the image. models.ENCODERS adds how to build each one.
@@ -25,6 +25,10 @@ DECODER_NAMES = ("soft", "hard", "adaptive", "lstm", "rnn")
 ATTENTION_NORMALIZERS = ("softmax", "sparsemax", "entmax15")
 MAX_CAPTION_WORDS = 200  # decoding lengths above this are refused: beam search memory grows with the length
 MAX_BEAM_SIZE = 100
+# Training images are S x S with S in this range: a checkpoint or data file claiming more (6000 px once made
+# caption.py grow past 17 GB) is refused, not obeyed.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+MAX_CAPTIONS_PER_IMAGE = 100  # every image stores exactly this many encoded captions
 DEFAULT_MAX_PIXELS = 89_478_485  # images above are refused as decompression bombs: Pillow's own threshold
 
 
@@ -284,16 +288,16 @@ def check_value(f: Any, value: Any, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SatError(f"{where} is {value!r}, not a {kind.__name__}")
+        raise SatError(f"{where} is {brief(value)}, not a {kind.__name__}")
     if kind is float and not math.isfinite(value):
-        raise SatError(f"{where} is {value!r}, not a finite number")
+        raise SatError(f"{where} is {brief(value)}, not a finite number")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
-        raise SatError(f"{where} is {value!r}, not one of {', '.join(meta['choices'])}")
+        raise SatError(f"{where} is {brief(value)}, not one of {', '.join(meta['choices'])}")
     if meta.get("parse"):
         try:
             meta["parse"](str(value))
         except (argparse.ArgumentTypeError, ValueError) as e:
-            raise SatError(f"{where} is {value!r}: {e}") from None
+            raise SatError(f"{where} is {brief(value)}: {e}") from None
     return value
 

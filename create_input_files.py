@@ -15,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from config import DEFAULT_MAX_PIXELS
-from utils import ArgumentParser, SatError, add_debug_flag, non_negative_int, positive_int, read_json, run_cli
+from config import DEFAULT_MAX_PIXELS, MAX_CAPTION_WORDS, MAX_CAPTIONS_PER_IMAGE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from utils import ArgumentParser, SatError, add_debug_flag, bounded_int, positive_int, probability, read_json, \
+    run_cli, seed_value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,9 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--captions-csv", help="for --dataset folder: CSV with columns image,caption, "
                                           "several rows per image")
     p.add_argument("--output-folder", default="data/shapes", help="where the HDF5/JSON files go (default: data/shapes)")
-    p.add_argument("--captions-per-image", type=positive_int, default=5,
+    p.add_argument("--captions-per-image", type=bounded_int(1, MAX_CAPTIONS_PER_IMAGE), default=5,
                    help="captions kept per image: sampled with --seed when there are more, repeated when "
-                        "fewer (default: 5)")
+                        f"fewer; up to {MAX_CAPTIONS_PER_IMAGE} (default: 5)")
     p.add_argument("--min-word-freq", type=positive_int, default=5,
                    help="training words seen fewer times become <unk>; whole-word vocabularies only (default: 5)")
     p.add_argument("--word-map", metavar="WORDMAP.json",
@@ -44,24 +45,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="whole words seen --min-word-freq times, or BPE sub-words learnt from the training "
                         "captions (Hugging Face tokenizers), so that rare and misspelt words are spelled in "
                         "pieces instead of becoming <unk> (default: word)")
-    p.add_argument("--bpe-merges", type=positive_int, default=4000,
+    p.add_argument("--bpe-merges", type=bounded_int(1, 1_000_000), default=4000,
                    help="--vocab bpe: number of merges, i.e. sub-words beyond the characters (default: 4000)")
-    p.add_argument("--max-len", type=positive_int, default=50,
-                   help="captions longer than this many words are dropped (default: 50)")
-    p.add_argument("--image-size", type=positive_int, default=256, help="images are resized to S x S (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed for caption sampling, the CSV split and the shapes "
-                                                       "generator (default: 0)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="for --dataset folder: share of images in "
-                                                                   "val (default: 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="for --dataset folder: share of images in "
-                                                                    "test (default: 0.1)")
-    p.add_argument("--shapes-train", type=positive_int, default=1000, help="shapes: training images (default: 1000)")
-    p.add_argument("--shapes-val", type=positive_int, default=150, help="shapes: validation images (default: 150)")
-    p.add_argument("--shapes-test", type=positive_int, default=150, help="shapes: test images (default: 150)")
+    p.add_argument("--max-len", type=bounded_int(1, MAX_CAPTION_WORDS), default=50,
+                   help=f"captions longer than this many words are dropped; up to {MAX_CAPTION_WORDS} (default: 50)")
+    p.add_argument("--image-size", type=bounded_int(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=256,
+                   help=f"images are resized to S x S, S from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default: 256)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed for caption sampling, the CSV split and the "
+                                                              "shapes generator, from 0 to 2^31 - 1 (default: 0)")
+    p.add_argument("--val-fraction", type=probability, default=0.1, help="for --dataset folder: share of images "
+                                                                         "in val, in [0, 1) (default: 0.1)")
+    p.add_argument("--test-fraction", type=probability, default=0.1, help="for --dataset folder: share of images "
+                                                                          "in test, in [0, 1) (default: 0.1)")
+    shapes_count = bounded_int(1, 1_000_000)
+    p.add_argument("--shapes-train", type=shapes_count, default=1000, help="shapes: training images (default: 1000)")
+    p.add_argument("--shapes-val", type=shapes_count, default=150, help="shapes: validation images (default: 150)")
+    p.add_argument("--shapes-test", type=shapes_count, default=150, help="shapes: test images (default: 150)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images and list them in SKIPPED_*.json instead of stopping (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
-    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=bounded_int(0, 256), default=min(4, os.cpu_count() or 1),
                    help="processes decoding images; 0 decodes in this process (default: min(4, CPUs))")
     p.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"images with more pixels are refused as decompression bombs (default: {DEFAULT_MAX_PIXELS})")
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import shapes
-    from datasets import create_input_files, read_csv_folder, read_karpathy, read_word_map
+    from datasets import create_input_files, read_word_map
+    from sources import read_csv_folder, read_karpathy
     if args.word_map and args.vocab == "bpe":
         raise SatError("--word-map gives a whole-word vocabulary: it cannot combine with --vocab bpe")
     word_map = read_word_map(args.word_map) if args.word_map else None  # a bad one stops us before any work
@@ -88,8 +92,9 @@ def run(args: argparse.Namespace) -> None:
     elif args.dataset == "folder":
         if not args.captions_csv or not args.image_folder:
             raise SatError("--dataset folder needs --captions-csv and --image-folder")
-        if not 0 <= args.val_fraction < 1 or not 0 <= args.test_fraction < 1:
-            raise SatError("--val-fraction and --test-fraction must lie in [0, 1)")
+        if args.val_fraction + args.test_fraction >= 1:
+            raise SatError("--val-fraction and --test-fraction must leave images for training (their sum is "
+                           f"{args.val_fraction + args.test_fraction:g})")
         source = args.captions_csv
         records = read_csv_folder(source, args.image_folder, args.val_fraction, args.test_fraction, args.seed)
     else:

@@ -1,7 +1,9 @@
 """Datasets on disk: turning Karpathy splits, CSV folders and the shapes data into HDF5 + JSON, and reading them back.
 
-Files written for a base name such as `coco_5_cap_per_img_5_min_word_freq`:
-  {SPLIT}_IMAGES_{base}.hdf5   images uint8 (N, 3, S, S), image_ids (N,), filenames (N,)
+Files written for a base name such as `coco_5_cap_per_img_5_min_word_freq` (the layout _SplitFiles checks when it
+opens a split):
+  {SPLIT}_IMAGES_{base}.hdf5   images uint8 (N, 3, S, S), image_ids int64 (N,), filenames (N,); attributes
+                               captions_per_image, image_size (S), dataset, content_sha256
   {SPLIT}_CAPTIONS_{base}.json encoded captions, exactly captions_per_image per image, padded to max_len + 2
   {SPLIT}_CAPLENS_{base}.json  caption lengths counting <start> and <end>
   {SPLIT}_REFS_{base}.json     every original caption of each image (the references for BLEU and friends)
@@ -11,19 +13,16 @@ Files written for a base name such as `coco_5_cap_per_img_5_min_word_freq`:
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -33,20 +32,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import vocab
-from config import DEFAULT_MAX_PIXELS
-from utils import SPECIAL_TOKENS, SatError, atomic_path, read_json, write_json
+from config import DEFAULT_MAX_PIXELS, MAX_CAPTIONS_PER_IMAGE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from sources import Record
+from utils import SPECIAL_TOKENS, SatError, atomic_path, brief, read_json, validate_word_map, write_json
 
 SPLITS = ("TRAIN", "VAL", "TEST")
-
-
-@dataclass
-class Record:
-    """One image of a dataset before preprocessing."""
-    path: Path
-    captions: list[list[str]]  # tokenised, lower case
-    image_id: int
-    split: str  # TRAIN, VAL or TEST
-    references: list[list[str]] | None = None  # every original caption, when `captions` was filtered
 
 
 def base_name(dataset: str, captions_per_image: int, min_word_freq: int) -> str:
@@ -63,89 +53,19 @@ def word_map_file(data_folder: str | os.PathLike, data_name: str) -> Path:
 
 
 def read_word_map(path: str | os.PathLike) -> dict[str, int]:
-    """A word map from a file (sat's or the old tutorial's WORDMAP_*.json), checked: every index from 0 to n-1
-    exactly once, the special tokens present and <pad> = 0 (the padding value of captions and losses)."""
-    word_map = read_json(path)
-    if not isinstance(word_map, dict) or not all(isinstance(w, str) for w in word_map):
-        raise SatError(f"{path}: not a word map (a JSON object of word -> index)")
-    bad = [w for w, i in word_map.items() if not isinstance(i, int) or isinstance(i, bool)]
-    if bad:
-        raise SatError(f"{path}: the index of '{bad[0]}' is {word_map[bad[0]]!r}, not a whole number")
-    if sorted(word_map.values()) != list(range(len(word_map))):
-        raise SatError(f"{path}: its indices are not 0 to {len(word_map) - 1}, each used once")
-    missing = [t for t in SPECIAL_TOKENS if t not in word_map]
-    if missing:
-        raise SatError(f"{path}: no {', '.join(missing)} in this word map")
-    if word_map["<pad>"] != 0:
-        raise SatError(f"{path}: <pad> is {word_map['<pad>']}, and sat pads with 0")
-    return word_map
+    """A word map from a file (a data folder's WORDMAP, or the old tutorial's WORDMAP_*.json), checked as
+    utils.validate_word_map checks one."""
+    return validate_word_map(read_json(path), str(path))
 
 
 def check_word_map(model_word_map: dict[str, int], data_folder: str | os.PathLike, data_name: str,
                    source: str) -> None:
     """A model can only be trained or scored on data with its own word map."""
     path = word_map_file(data_folder, data_name)
-    data_word_map = read_json(path)
+    data_word_map = read_word_map(word_map_file(data_folder, data_name))
     if data_word_map != model_word_map:
         raise SatError(f"{source}: its word map ({len(model_word_map)} words) differs from {path} "
                        f"({len(data_word_map)} words): the model was trained on other data")
-
-
-# ---------------------------------------------------------------------------------------------- reading sources
-
-def read_karpathy(json_path: str | os.PathLike, image_folder: str | os.PathLike) -> list[Record]:
-    """Records from Karpathy's split JSON; `restval` joins the training split."""
-    data = read_json(json_path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise SatError(f"{json_path}: no 'images' list (expected Karpathy's dataset_*.json format)")
-    split_names = {"train": "TRAIN", "restval": "TRAIN", "val": "VAL", "test": "TEST"}
-    records = []
-    for i, image in enumerate(data["images"]):
-        for field in ("filename", "split", "sentences"):
-            if field not in image:
-                raise SatError(f"{json_path}: image #{i} has no '{field}' field")
-        if image["split"] not in split_names:
-            raise SatError(f"{json_path}: image #{i} ({image['filename']}) has unknown split '{image['split']}'")
-        captions = []
-        for sentence in image["sentences"]:
-            if "tokens" not in sentence:
-                raise SatError(f"{json_path}: a sentence of image #{i} ({image['filename']}) has no 'tokens' field")
-            captions.append([t.lower() for t in sentence["tokens"]])
-        path = Path(image_folder) / image.get("filepath", "") / image["filename"]
-        image_id = image.get("cocoid", image.get("imgid", i))
-        records.append(Record(path, captions, int(image_id), split_names[image["split"]]))
-    return records
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-case words and numbers, the way Karpathy's JSON tokens look."""
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
-def read_csv_folder(csv_path: str | os.PathLike, image_folder: str | os.PathLike,
-                    val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
-    """Records from a CSV of `image,caption` rows (several rows per image) and a split drawn with `seed`."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise SatError(f"{csv_path}: file not found")
-    captions: dict[str, list[list[str]]] = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-                raise SatError(f"{csv_path}: needs a header with the columns 'image' and 'caption'")
-            for row in reader:
-                captions.setdefault(row["image"], []).append(tokenize(row["caption"] or ""))
-    except UnicodeDecodeError as e:
-        raise SatError(f"{csv_path}: not a UTF-8 text CSV ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    names = sorted(captions)
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_test, n_val = round(len(names) * test_fraction), round(len(names) * val_fraction)
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[names[index]] = "TEST" if rank < n_test else "VAL" if rank < n_test + n_val else "TRAIN"
-    return [Record(Path(image_folder) / name, [c for c in captions[name] if c], i, split_of[name])
-            for i, name in enumerate(names)]
 
 
 # ------------------------------------------------------------------------------------------------------- images
@@ -361,29 +281,38 @@ def _write_images(records: list[Record], h5_path: Path, split: str, size: int, c
 # --------------------------------------------------------------------------------------------------- reading back
 
 class _SplitFiles:
-    """The files of one split, with the HDF5 file opened lazily so that every DataLoader worker opens its own."""
+    """The files of one split, checked against the layout create_input_files writes when they are opened (names,
+    dtypes, shapes, ids, captions against the word map, one list of references per image), so that a malformed
+    folder is refused here with one line, not met as a traceback or as silent garbage mid-training. The HDF5 file
+    is then opened lazily, so that every DataLoader worker opens its own."""
 
     def __init__(self, data_folder: str | os.PathLike, data_name: str, split: str):
         self.split = split.upper()
         if self.split not in SPLITS:
             raise SatError(f"unknown split '{split}' (use train, val or test)")
-        self.h5_path = split_file(data_folder, self.split, "IMAGES", data_name)
-        for path in (self.h5_path, split_file(data_folder, self.split, "CAPTIONS", data_name)):
+        paths = {kind: split_file(data_folder, self.split, kind, data_name)
+                 for kind in ("IMAGES", "CAPTIONS", "CAPLENS", "REFS")}
+        for path in paths.values():
             if not path.is_file():
                 raise SatError(f"{path}: not found (run create_input_files.py, and check --data-folder "
                                "and --data-name)")
-        with h5py.File(self.h5_path, "r") as h5:
-            self.captions_per_image = int(h5.attrs["captions_per_image"])
-            self.image_size = int(h5.attrs["image_size"])
-            self.num_images = len(h5["images"])
-            self.image_ids = h5["image_ids"][()].tolist()
-            self.filenames = [f.decode() if isinstance(f, bytes) else f for f in h5["filenames"][()]]
-        self.captions = torch.tensor(read_json(split_file(data_folder, self.split, "CAPTIONS", data_name)))
-        self.lengths = torch.tensor(read_json(split_file(data_folder, self.split, "CAPLENS", data_name)))
-        self.references: list[list[str]] = read_json(split_file(data_folder, self.split, "REFS", data_name))
-        if len(self.captions) != self.num_images * self.captions_per_image:
-            raise SatError(f"{self.h5_path}: {self.num_images} images but {len(self.captions)} captions "
+        self.h5_path = paths["IMAGES"]
+        self.word_map = read_word_map(word_map_file(data_folder, data_name))
+        with open_hdf5(self.h5_path) as h5:
+            self.captions_per_image, self.image_size, self.num_images = _check_images(h5, self.h5_path)
+            self.image_ids, self.filenames = _check_ids_and_names(h5, self.num_images, self.h5_path)
+        rows = _int_array(read_json(paths["CAPTIONS"]), 2, paths["CAPTIONS"], "a list of equally long lists of "
+                          "token ids")
+        if len(rows) != self.num_images * self.captions_per_image:
+            raise SatError(f"{self.h5_path}: {self.num_images} images but {len(rows)} captions "
                            f"(expected {self.captions_per_image} per image)")
+        lengths = _int_array(read_json(paths["CAPLENS"]), 1, paths["CAPLENS"], "a list of caption lengths")
+        if len(lengths) != len(rows):
+            raise SatError(f"{paths['CAPLENS']}: {len(lengths)} caption lengths for the {len(rows)} captions of "
+                           f"{paths['CAPTIONS'].name}")
+        self.captions, self.lengths = _check_captions(rows, lengths, self.word_map, paths["CAPTIONS"],
+                                                      paths["CAPLENS"])
+        self.references = _check_references(read_json(paths["REFS"]), self.num_images, paths["REFS"])
         self._h5: h5py.File | None = None
 
     def image(self, i: int) -> torch.Tensor:
@@ -394,6 +323,100 @@ class _SplitFiles:
     def __getstate__(self) -> dict:
         # An open h5py handle cannot cross into a spawned worker; each process reopens the file.
         return {**self.__dict__, "_h5": None}
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """h5py.File(path, "r"), its errors naming the file (h5py's own messages leave it out)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise SatError(f"{path}: not a readable HDF5 file ({' '.join(str(e).split())})") from None
+
+
+def _check_images(h5: h5py.File, path: Path) -> tuple[int, int, int]:
+    """(captions per image, image size S, number of images N) of an images file holding uint8 (N, 3, S, S)."""
+    cpi = _int_attribute(h5, "captions_per_image", 1, MAX_CAPTIONS_PER_IMAGE, path)
+    size = _int_attribute(h5, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, path)
+    images = _dataset(h5, "images", path)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, size, size) or not len(images):
+        raise SatError(f"{path}: 'images' is {images.dtype} {images.shape}, not uint8 (N, 3, {size}, {size}) with "
+                       "N at least 1 (channels first, as create_input_files.py writes)")
+    return cpi, size, len(images)
+
+
+def _int_attribute(h5: h5py.File, name: str, low: int, high: int, path: Path) -> int:
+    value = h5.attrs.get(name)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or not low <= value <= high:
+        raise SatError(f"{path}: attribute '{name}' is {brief(value)}, not a whole number from {low} to {high}")
+    return int(value)
+
+
+def _dataset(h5: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    found = h5.get(name)
+    if not isinstance(found, h5py.Dataset):
+        raise SatError(f"{path}: no '{name}' dataset (not a file create_input_files.py wrote?)")
+    return found
+
+
+def _check_ids_and_names(h5: h5py.File, n: int, path: Path) -> tuple[list[int], list[str]]:
+    """Image ids (distinct whole numbers from 0) and file names, one per image."""
+    ids, names = _dataset(h5, "image_ids", path), _dataset(h5, "filenames", path)
+    if ids.dtype.kind not in "iu" or ids.shape != (n,):
+        raise SatError(f"{path}: 'image_ids' is {ids.dtype} {ids.shape}, not {n} whole numbers")
+    if h5py.check_string_dtype(names.dtype) is None or names.shape != (n,):
+        raise SatError(f"{path}: 'filenames' is {names.dtype} {names.shape}, not {n} strings")
+    values = ids[()]
+    if (values < 0).any() or len(np.unique(values)) != n:
+        raise SatError(f"{path}: 'image_ids' are not distinct whole numbers from 0")
+    return values.tolist(), [f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f) for f in names[()]]
+
+
+def _check_captions(rows: np.ndarray, lens: np.ndarray, word_map: dict[str, int], captions_path: Path,
+                    lengths_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded captions (M, L) and their lengths (M,): each row <start> w_1 .. w_n <end> <pad>..., with word ids
+    inside the word map and n + 2 = its length, from 3 to L."""
+    m, width = rows.shape
+    bad = (rows < 0) | (rows >= len(word_map))
+    if bad.any():
+        i = int(bad.any(axis=1).argmax())
+        raise SatError(f"{captions_path}: caption #{i} holds token ids outside the word map's 0 to "
+                       f"{len(word_map) - 1}")
+    if lens.min() < 3 or lens.max() > width:
+        i = int(((lens < 3) | (lens > width)).argmax())
+        raise SatError(f"{lengths_path}: caption #{i} has length {lens[i]}, not 3 to {width} (<start>, at least "
+                       "one word, <end>)")
+    start, end, pad = word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+    position, length = np.arange(width)[None, :], lens[:, None]
+    words = (position >= 1) & (position < length - 1)
+    well_formed = (rows[:, 0] == start) & (rows[np.arange(m), lens - 1] == end) \
+        & np.where(position >= length, rows == pad, True).all(axis=1) \
+        & ~(words & np.isin(rows, [start, end, pad])).any(axis=1)
+    if not well_formed.all():
+        i = int((~well_formed).argmax())
+        raise SatError(f"{captions_path}: caption #{i} is not <start>, {lens[i] - 2} word(s), <end>, then <pad> "
+                       f"(as its length {lens[i]} in {lengths_path.name} says)")
+    return torch.from_numpy(rows), torch.from_numpy(lens)
+
+
+def _int_array(value: Any, ndim: int, path: Path, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError, TypeError):  # ragged lists; integers beyond int64
+        array = None
+    if array is None or array.ndim != ndim or array.dtype.kind not in "iu" or array.dtype == np.uint64:
+        raise SatError(f"{path}: not {what}")
+    return array.astype(np.int64)
+
+
+def _check_references(references: Any, n: int, path: Path) -> list[list[str]]:
+    """One list of reference captions (strings, at least one) per image."""
+    if not isinstance(references, list) or len(references) != n:
+        length = len(references) if isinstance(references, list) else type(references).__name__
+        raise SatError(f"{path}: needs one list of reference captions per image ({n}), has {length}")
+    for i, refs in enumerate(references):
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise SatError(f"{path}: the references of image #{i} are not a non-empty list of strings")
+    return references
 
 
 class CaptionDataset(Dataset):
@@ -436,8 +459,14 @@ class ImageCaptionsDataset(Dataset):
         self.files = _SplitFiles(data_folder, data_name, split)
         self.cpi = self.files.captions_per_image
         self.transform = transform
-        self.features = None if features is None else Path(features)
+        self.features: Path | None = None
         self._features_h5: h5py.File | None = None
+        if features is not None:
+            self.use_features(features)
+
+    def use_features(self, path: str | os.PathLike) -> None:
+        """Read the first element of each item from this feature file (features.cached_features) from now on."""
+        self.features, self._features_h5 = Path(path), None
 
     @property
     def references(self) -> list[list[str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from config import MAX_BEAM_SIZE, MAX_CAPTION_WORDS
 from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, bounded_int, device_name, \
-    finite_float, non_negative_int, positive_int, read_json, run_cli, write_json
+    finite_float, read_json, run_cli, write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length-penalty", type=finite_float, default=0.0,
                    help="rank finished beams by score / length**this; 0 ranks by total log-probability "
                         "(default: 0)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images decoded together (default: 32)")
-    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--batch-size", type=bounded_int(1, 100_000), default=32,
+                   help="images decoded together (default: 32)")
+    p.add_argument("--workers", type=bounded_int(0, 256), default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--amp", action="store_true",
                    help="decode in bf16 autocast (fp16 on GPUs without bf16); on a CPU only where it has native "
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "size, the references, per-image CIDEr-D (and with --grounding whether each caption is true "
                         "and where it looked), worst CIDEr-D first, attention strips for the first rows; a static "
                         "page to open from disk (default: off)")
-    p.add_argument("--gallery-size", type=non_negative_int, default=100, metavar="N",
+    p.add_argument("--gallery-size", type=bounded_int(0, 1_000_000), default=100, metavar="N",
                    help="rows of the gallery that get an attention strip (every row gets a thumbnail) (default: "
                         "100)")
     p.add_argument("--compare", metavar="OTHER_EVAL_DIR",
@@ -96,12 +97,12 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, word_map, _ = load_models(args.checkpoint, trust=args.trust_checkpoint)
     check_word_map(word_map, args.data_folder, args.data_name, args.checkpoint[0])
+    dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split)  # checks the files
+    objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     model.to(device)
-    features = None
     if args.cache_features:
-        features = cached_features(feature_encoder(model), args.data_folder, args.data_name, args.split, device,
-                                   args.batch_size)
-    dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split, features=features)
+        dataset.use_features(cached_features(feature_encoder(model), args.data_folder, args.data_name, args.split,
+                                             device, args.batch_size))
     if other is not None:
         gallery.check_same_split(other, dataset.files.image_ids, args.split, args.compare)
         gallery.sort_beam(args.beam_sizes, other, args.compare)
@@ -109,7 +110,6 @@ def run(args: argparse.Namespace) -> None:
                             args.length_penalty, args.workers, amp=args.amp)
     ensemble = "" if len(args.checkpoint) == 1 else f"_ensemble{len(args.checkpoint)}"
     out = Path(args.out) if args.out else Path(args.checkpoint[0]).parent / f"eval_{args.split}{ensemble}"
-    objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     attends = model.decoder.attends  # lstm and rnn look at no pixel
     scores, per_image, notes = {}, {}, {}
     subwords = model.config.vocab == "bpe"  # BPE pieces are joined into words: every score is on words
@@ -163,7 +163,20 @@ def load_boxes(data_folder: str, data_name: str, filenames: list[str]) -> list[l
         raise SatError(f"{path}: not found; --grounding needs the box file that create_input_files.py writes for "
                        "--dataset shapes")
     boxes = read_json(path)
+    if not isinstance(boxes, dict) or not all(isinstance(v, list) and all(map(_is_box, v)) for v in boxes.values()):
+        raise SatError(f"{path}: not a shapes box file (file name -> list of objects with shape, colour, size, box "
+                       "and words)")
     return [boxes.get(name, []) for name in filenames]
+
+
+def _is_box(obj: object) -> bool:
+    """One object of shapes.ShapeObject.sidecar: names, a box [x0, y0, x1, y1] in [0, 1], the words naming it."""
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("shape", "colour", "size")):
+        return False
+    box, words = obj.get("box"), obj.get("words")
+    return isinstance(box, list) and len(box) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in box) and \
+        isinstance(words, list) and all(isinstance(w, str) for w in words)
 
 
 def format_table(scores: dict[str, dict[str, float]], columns: dict[str, str]) -> str:

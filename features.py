@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import ENCODER_CHANNELS
 from datasets import split_file
 from models import Encoder
 from utils import SatError, atomic_path
@@ -58,10 +59,9 @@ def cached_features(encoder: Encoder, data_folder: str | Path, data_name: str, s
     images_path = split_file(data_folder, split, "IMAGES", data_name)
     path = feature_file(data_folder, data_name, split, encoder)
     key = {"encoder": encoder_fingerprint(encoder), "images": images_fingerprint(images_path)}
-    if path.is_file():
-        with h5py.File(path, "r") as h5:
-            if all(h5.attrs.get(k) == v for k, v in key.items()):
-                return path
+    size = encoder.pool.output_size[0]
+    if _up_to_date(path, key, images_path, (size * size, ENCODER_CHANNELS[encoder.name])):
+        return path
     encoder.eval()
     with h5py.File(images_path, "r") as src, atomic_path(path) as tmp, h5py.File(tmp, "w") as dst:
         images = src["images"]
@@ -80,3 +80,17 @@ def cached_features(encoder: Encoder, data_folder: str | Path, data_name: str, s
             out[first:first + len(feats)] = feats
         dst.attrs.update(key)
     return path
+
+
+def _up_to_date(path: Path, key: dict[str, str], images_path: Path, item_shape: tuple[int, int]) -> bool:
+    """Whether `path` holds this encoder's fp16 features (N, P, C) of these N images; a damaged or foreign file does
+    not (it is rebuilt)."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as h5, h5py.File(images_path, "r") as src:
+            features = h5.get("features")
+            return all(str(h5.attrs.get(k)) == v for k, v in key.items()) and isinstance(features, h5py.Dataset) \
+                and features.dtype == np.float16 and features.shape == (len(src["images"]), *item_shape)
+    except OSError:
+        return False

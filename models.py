@@ -30,14 +30,27 @@ INCEPTION_SIZE = 299  # Inception-v3's input side: 8 x 8 activations before its 
 
 # ------------------------------------------------------------------------------------------------------ encoder
 
-def _load_state_dict(path: str) -> dict:
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict file (or a dict holding one under 'state_dict') of finite tensors, loaded without pickle."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SatError(f"{path}: encoder weights file not found") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise SatError(f"{path}: not a readable weights file ({str(e).splitlines()[0]})") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        raise SatError(f"{path}: not a readable weights file ({(str(e).splitlines() or [''])[0]})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise SatError(f"{path}: not a state_dict (a dict of tensors)")
+    if not all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()):
+        raise SatError(f"{path}: holds NaN or infinite weights")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise SatError(f"{path}: does not hold {name} weights ({(str(e).splitlines() or [''])[0]})") from None
 
 
 def _resnet(name: str, weights: str, stride: int) -> nn.Module:
@@ -46,7 +59,7 @@ def _resnet(name: str, weights: str, stride: int) -> nn.Module:
         # IMAGENET1K_V2 for resnet50/101/152
         model.load_state_dict(_download(name, torchvision.models.get_model_weights(name).DEFAULT))
     elif weights != "none":
-        model.load_state_dict(_load_state_dict(weights))
+        _load_into(model, _load_state_dict(weights), weights, name)
     # conv1, bn1, relu, maxpool, layer1 (stride 4), layer2 (8), layer3 (16), layer4 (32); then pooling and classifier
     keep = {32: -2, 16: -3, 8: -4}[stride]
     return nn.Sequential(*list(model.children())[:keep])
@@ -80,7 +93,7 @@ def _inception_v3(weights: str) -> nn.Module:
     if weights == "default":
         model.load_state_dict(_download("inception_v3", torchvision.models.Inception_V3_Weights.DEFAULT))
     elif weights != "none":
-        model.load_state_dict(_load_state_dict(weights))
+        _load_into(model, _load_state_dict(weights), weights, "inception_v3")
     blocks = [m for name, m in model.named_children() if name not in ("AuxLogits", "avgpool", "dropout", "fc")]
     return nn.Sequential(Resize(INCEPTION_SIZE), *blocks)
 
@@ -104,7 +117,7 @@ def _efficientnet_lite0(weights: str, stride: int) -> nn.Module:
             if [v.shape for v in source.values()] != [v.shape for v in target.values()]:
                 raise SatError(f"{weights}: does not hold tf_efficientnet_lite0 weights")
             source = dict(zip(target, source.values()))
-        model.load_state_dict(source)
+        _load_into(model, source, weights, "tf_efficientnet_lite0")
     # blocks 0-6 end at strides 2, 4, 8, 16, 16, 32, 32; the 1x1 head lifts block 6 to 1280 channels
     if stride == 32:
         return nn.Sequential(model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2)

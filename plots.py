@@ -118,9 +118,20 @@ def _beta_bar(ax: plt.Axes, beta: float) -> None:
     bar.set_yticks([])
 
 
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not {"epoch", "val_bleu4", "val_cider"} <= set(record):
+        return None
+    return record
+
+
 def plot_curves(log_path: Path, png_path: Path) -> None:
-    """Training loss and validation BLEU-4 and CIDEr-D per epoch, from the metrics log."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    """Training loss and validation BLEU-4 and CIDEr-D per epoch, from the metrics log (a line that a kill or a full
+    disk cut short is left out)."""
+    records = [r for r in map(_record, log_path.read_text(errors="replace").splitlines()) if r is not None]
     epochs = [r["epoch"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     trained = [r for r in records if "train_loss" in r]  # SCST logs its starting point without training

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,32 +27,17 @@ import metrics
 import scst
 from board import IMAGES, Board, run_name
 import vocab
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoints import Progress, load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ModelConfig, TrainConfig, defaults, explicit, flag, from_dict
-from datasets import ImageCaptionsDataset, check_word_map, word_map_file
+from datasets import ImageCaptionsDataset, check_word_map, read_word_map, word_map_file
 from devices import autocast_dtype, resolve_device, restore_rng, restore_scaler, rng_state
 from features import cached_features
 from inference import caption_split, encode, texts
 from models import Caption, CaptionModel, beam_search
 from plots import plot_curves
-from utils import SatError, read_json
+from utils import FolderLock, SatError, remove_stale_temp_files
 
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in checkpoints so that --resume continues exactly here."""
-    epoch: int = 0
-    batches_done: int = 0  # in the current epoch
-    step: int = 0  # optimizer steps over the whole run
-    best_score: float = -1.0
-    epochs_since_improvement: int = 0
-    loss_sum: float = 0.0  # this epoch's running sums, for the logged averages
-    top5_sum: float = 0.0
-    tokens: int = 0
-    reward_sum: float = 0.0  # SCST: CIDEr-D of the sampled captions
-    samples: int = 0
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -115,9 +101,8 @@ class Trainer:
         self.pad = word_map["<pad>"]
         # A BPE vocabulary's tokenizer (JSON), saved in every checkpoint with the word map it defines.
         self.tokenizer_json = vocab.load_tokenizer_json(tc.data_folder, tc.data_name)
-        self.out = Path(tc.checkpoint_dir)
-        for stale in self.out.glob(".*.tmp"):  # utils.atomic_path's temp files, left by a run killed mid-write
-            stale.unlink(missing_ok=True)  # every rank looks; one of them removes it
+        self.out = Path(tc.checkpoint_dir)  # nothing is written there before run() holds its lock
+        self.phase_from: str | None = None  # the checkpoint a new phase starts from, scored first by run()
         self.last_saved: Path | None = None  # the newest checkpoint of this run, the one to resume from
         model.encoder.fine_tune(tc.fine_tune_encoder)
         if device.type == "cuda":
@@ -132,8 +117,6 @@ class Trainer:
         if tc.fine_tune_encoder:
             groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": tc.encoder_lr})
         self.optimizer = torch.optim.Adam(groups)
-        on_board = tc.tensorboard and distributed.is_main()
-        self.board = Board(self.out / "tensorboard" / run_name(*tc.phase())) if on_board else None
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
@@ -145,10 +128,24 @@ class Trainer:
             raise SatError("--augment changes every image at every epoch, and the feature cache holds one view of "
                            "each: drop --cache-features (or --augment)")
         self.augment = Augment(word_map, model.config.vocab == "bpe") if tc.augment else None
-        self.train_set = self._dataset("train", use_cache)
-        self.val_set = self._dataset("val", use_cache)
+        self.train_set = ImageCaptionsDataset(tc.data_folder, tc.data_name, "train")
+        self.val_set = ImageCaptionsDataset(tc.data_folder, tc.data_name, "val")
+        # Everything is checked: from here on the checkpoint folder is this run's (until run() ends, or close()),
+        # and a second run is refused before it builds a feature cache or writes anything.
+        self.lock = self._lock_folder()
+        try:
+            if use_cache:
+                for split, dataset in (("train", self.train_set), ("val", self.val_set)):
+                    with distributed.main_first():  # rank 0 builds the cache; the others then find it up to date
+                        dataset.use_features(cached_features(model.encoder, tc.data_folder, tc.data_name, split,
+                                                             device, batch_size=tc.batch_size))
+            self.cider = self._cider() if tc.scst else None
+        except BaseException:
+            self.close()
+            raise
+        on_board = tc.tensorboard and distributed.is_main()
+        self.board = Board(self.out / "tensorboard" / run_name(*tc.phase())) if on_board else None
         # One loader for the whole run, so that worker processes persist; each epoch only moves the sampler.
-        self.cider = self._cider() if tc.scst else None
         self.sampler = EpochBatches(len(self.train_set), tc.batch_size, tc.seed, epoch=0, rank=distributed.rank(),
                                     world_size=distributed.world_size())
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=tc.workers,
@@ -168,14 +165,6 @@ class Trainer:
         files = self.train_set.files
         return scst.CiderD.from_captions(files.captions[:, 1:], files.lengths - 2, files.captions_per_image,
                                          len(self.word_map)).to(self.device)
-
-    def _dataset(self, split: str, use_cache: bool) -> ImageCaptionsDataset:
-        features = None
-        if use_cache:
-            with distributed.main_first():  # rank 0 builds the cache; the others then find it up to date
-                features = cached_features(self.model.encoder, self.tc.data_folder, self.tc.data_name, split,
-                                           self.device, batch_size=self.tc.batch_size)
-        return ImageCaptionsDataset(self.tc.data_folder, self.tc.data_name, split, features=features)
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -210,7 +199,38 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ training
     def run(self) -> float:
-        """Train until --epochs or early stopping; returns the best validation score."""
+        """Train until --epochs or early stopping; returns the best validation score. Then the checkpoint folder
+        is given back."""
+        try:
+            if self.phase_from is not None:
+                self.start_phase(self.phase_from)
+                self.phase_from = None
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the checkpoint folder back: another run may train into it now (run() does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _lock_folder(self) -> FolderLock | None:
+        """Rank 0 locks the checkpoint folder (utils.FolderLock) and clears the temp files of killed runs' saves;
+        every rank of a torchrun job stops alike if another run holds it."""
+        lock = FolderLock(self.out, "train.py run") if distributed.is_main() else None
+        problem = distributed.from_main(lambda: lock.try_acquire())
+        if problem:
+            raise SatError(problem)
+        if lock is None:
+            return None
+        if lock.took_over:
+            print(f"note: took over {lock.path} from pid {lock.took_over.get('pid')} on "
+                  f"{lock.took_over.get('host')}, which no longer runs")
+        remove_stale_temp_files(self.out)  # utils.atomic_path's temp files, left by a run killed mid-write
+        return lock
+
+    def _train(self) -> float:
         tc, p = self.tc, self.progress
         try:
             while p.epoch < tc.epochs and not self.stop_requested():
@@ -430,8 +450,12 @@ class Trainer:
         if not distributed.is_main():
             return
         log_path = self.out / "metrics.jsonl"
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(log_path, "ab+") as f:  # appends, wherever it reads
+            torn = False
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"  # the last line was cut short (a kill, a full disk): end it first
+            f.write(b"\n" * torn + json.dumps(record).encode() + b"\n")
         plot_curves(log_path, self.out / "curves.png")
         if self.board is not None:
             self.board.validation(record, record["step"])
@@ -456,7 +480,7 @@ def build_trainer(model_options: dict[str, Any], train_options: dict[str, Any], 
     tc, new_phase = _train_config(train_options, checkpoint, resume)
     device = distributed.setup(resolve_device(tc.device))
     torch.manual_seed(tc.seed)
-    word_map = read_json(word_map_file(tc.data_folder, tc.data_name))
+    word_map = read_word_map(word_map_file(tc.data_folder, tc.data_name))
     if checkpoint is None:
         kind = "word" if vocab.load_tokenizer_json(tc.data_folder, tc.data_name) is None else "bpe"
         model = CaptionModel(ModelConfig(vocab_size=len(word_map), vocab=kind, **model_options), tc.encoder_weights)
@@ -469,7 +493,7 @@ def build_trainer(model_options: dict[str, Any], train_options: dict[str, Any], 
         pretrained_rows = checkpoint.get("pretrained_rows")
     trainer = Trainer(tc, model.to(device), word_map, device, pretrained_rows)
     if checkpoint is not None and new_phase:
-        trainer.start_phase(resume)  # a new phase: only the weights carry over
+        trainer.phase_from = resume  # a new phase: only the weights carry over; run() scores them first
     elif checkpoint is not None:
         trainer.restore(checkpoint)
         trainer.last_saved = Path(resume)

@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
 import shapes  # noqa: E402
+import sources  # noqa: E402
 import train  # noqa: E402
 from config import ModelConfig  # noqa: E402
 from utils import read_json  # noqa: E402
@@ -50,7 +51,7 @@ def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(data folder, data name) of 240/40/40 shapes images at 128 px."""
     out = tmp_path_factory.mktemp("shapes")
     karpathy, sidecar = shapes.generate(out / "raw", 240, 40, 40, side=128, seed=0)
-    name = datasets.create_input_files(datasets.read_karpathy(karpathy, out / "raw"), "shapes", out,
+    name = datasets.create_input_files(sources.read_karpathy(karpathy, out / "raw"), "shapes", out,
                                        image_size=128, boxes=read_json(sidecar), source=str(karpathy))
     return out, name
 

@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import datasets  # noqa: E402
 import shapes  # noqa: E402
-from datasets import CaptionDataset, ImageCaptionsDataset, Record  # noqa: E402
+import sources  # noqa: E402
+from datasets import CaptionDataset, ImageCaptionsDataset  # noqa: E402
+from sources import Record  # noqa: E402
 from utils import SatError  # noqa: E402
 
 SCRIPT = ROOT / "create_input_files.py"
@@ -406,7 +408,7 @@ def prepare_runs(root: Path, photos: PhotoSet) -> dict[str, Run]:
     for name, extra in [("rerun_refused", ()), ("rerun_overwrite", ("--overwrite", "--image-size", "16"))]:
         base = root / name
         json_path, folder = small_set(base)
-        datasets.create_input_files(datasets.read_karpathy(json_path, folder), "coco", base / "out",
+        datasets.create_input_files(sources.read_karpathy(json_path, folder), "coco", base / "out",
                                     captions_per_image=2, min_word_freq=1, image_size=32, source=str(json_path))
         runs[name] = Run(coco_args(json_path, folder, base / "out", *extra), base / "out",
                          info={"before": file_bytes(base / "out")})
@@ -552,7 +554,7 @@ def test_roundtrip_refs_hold_every_original_caption(runs: dict[str, Run]) -> Non
 def test_same_seed_gives_byte_identical_files(runs: dict[str, Run], photo_set: PhotoSet, tmp_path: Path) -> None:
     succeeded(runs["roundtrip"])
     reference = file_bytes(runs["roundtrip"].out)
-    records = datasets.read_karpathy(photo_set.json, photo_set.folder)
+    records = sources.read_karpathy(photo_set.json, photo_set.folder)
     for folder, workers in [("again", 0), ("pool", 2)]:  # the fork pool decodes to the same bytes
         name = datasets.create_input_files(records, "coco", tmp_path / folder, captions_per_image=3,
                                            min_word_freq=1, image_size=64, seed=0, workers=workers,
@@ -776,9 +778,9 @@ def test_folder_dataset_split_is_reproducible_and_complete(runs: dict[str, Run])
     # the split comes from the seed
     csv_path = Path(run_a.args[run_a.args.index("--captions-csv") + 1])
     folder = run_a.args[run_a.args.index("--image-folder") + 1]
-    again = {r.path.name: r.split for r in datasets.read_csv_folder(csv_path, folder, 0.2, 0.2, seed=3)}
+    again = {r.path.name: r.split for r in sources.read_csv_folder(csv_path, folder, 0.2, 0.2, seed=3)}
     assert again == assignment
-    others = [{r.path.name: r.split for r in datasets.read_csv_folder(csv_path, folder, 0.2, 0.2, seed=s)}
+    others = [{r.path.name: r.split for r in sources.read_csv_folder(csv_path, folder, 0.2, 0.2, seed=s)}
               for s in (4, 5, 6)]
     assert any(o != assignment for o in others)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from checkpoints import load_checkpoint, model_from_checkpoint
+from checkpoints import FORMAT, load_checkpoint, model_from_checkpoint, upgrade
 from config import LEGACY_MODEL_OPTIONS, TrainConfig
 from conftest import WORD_MAP, random_captions, tiny_config, train_args
 from devices import amp_dtype_for, cuda_state_to_restore, restore_scaler
@@ -103,12 +103,13 @@ def test_a_format_1_checkpoint_loads_as_the_model_it_was(tmp_path) -> None:
     cfg = tiny_config(output_layer="linear", hard_expectation=0.0)
     model = CaptionModel(cfg)
     old_config = {k: v for k, v in asdict(cfg).items() if k not in LEGACY_MODEL_OPTIONS}
-    torch.save({"model_config": old_config, "train_config": {**asdict(TrainConfig()), "alpha_c": 1.0},
-                "word_map": WORD_MAP, "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict()},
-               tmp_path / "old.pt")
+    old = {"model_config": old_config, "word_map": WORD_MAP, "encoder": model.encoder.state_dict(),
+           "decoder": model.decoder.state_dict()}
+    torch.save(old, tmp_path / "old.pt")
     checkpoint = load_checkpoint(tmp_path / "old.pt")
-    assert checkpoint["format"] == 2 and checkpoint["model_config"]["output_layer"] == "linear"
-    assert checkpoint["train_config"]["alpha_c"] == pytest.approx(1 / 9)  # a mean over 3x3 pixels, as a sum
+    assert checkpoint["format"] == FORMAT and checkpoint["model_config"]["output_layer"] == "linear"
+    trained = upgrade({**old, "train_config": {**asdict(TrainConfig()), "alpha_c": 1.0}})
+    assert trained["train_config"]["alpha_c"] == pytest.approx(1 / 9)  # a mean over 3x3 pixels, as a sum
     rebuilt, _ = model_from_checkpoint(checkpoint)
     captions, lengths = random_captions(2, 2, 7, torch.Generator().manual_seed(1))
     features = torch.randn(2, 9, 512)

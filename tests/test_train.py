@@ -15,7 +15,7 @@ from datasets import ImageCaptionsDataset
 from inference import caption_split, texts
 from features import cached_features, feature_file
 from trainer import EpochBatches, Trainer, loss_terms
-from checkpoints import load_checkpoint, model_from_checkpoint
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import ModelConfig
 from models import CaptionModel
 from utils import SatError, read_json
@@ -101,9 +101,14 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(shapes_data, tm
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(shapes_data, trained_checkpoint, tmp_path) -> None:
-    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint = load_checkpoint(trained_checkpoint)
     checkpoint["word_map"] = {**checkpoint["word_map"], "zebra": len(checkpoint["word_map"])}
-    torch.save(checkpoint, tmp_path / "other.pt")
+    checkpoint["model_config"]["vocab_size"] += 1
+    for name in ("embedding.weight", "fc.weight", "fc.bias"):  # a model of that vocabulary, as train.py saves it
+        grown = checkpoint["decoder"][name]
+        checkpoint["decoder"][name] = torch.cat([grown, grown[-1:]])
+    checkpoint["optimizer"]["state"].clear()
+    save_checkpoint(tmp_path / "other.pt", checkpoint)
     with pytest.raises(SatError, match="word map"):
         train.build_trainer(train.parse_args(train_args(shapes_data, tmp_path, "--resume", str(tmp_path / "other.pt"))))
 

@@ -25,7 +25,7 @@ import datasets
 import eval as evaluate
 import shapes
 import tutorial
-from checkpoints import load_checkpoint, model_from_checkpoint
+from checkpoints import FORMAT, load_checkpoint, model_from_checkpoint
 from inference import caption_images
 from utils import SatError
 
@@ -216,7 +216,7 @@ def tutorial_beam_search(model: tuple[Encoder, DecoderWithAttention], image: tor
 
 def test_converted_checkpoint_is_a_plain_sat_checkpoint(converted, data) -> None:
     raw = torch.load(converted, map_location="cpu", weights_only=True)
-    assert raw["format"] == 2 and raw["word_map"] == data["word_map"] and raw["image_size"] == 256
+    assert raw["format"] == FORMAT and raw["word_map"] == data["word_map"] and raw["image_size"] == 256
     cfg = raw["model_config"]
     assert (cfg["encoder"], cfg["encoded_size"], cfg["decoder"]) == ("resnet18", ENCODED, "soft")
     assert (cfg["output_layer"], cfg["attention_activation"]) == ("linear", "relu")
