@@ -15,10 +15,11 @@ setup: .venv/installed
 demo: .venv/installed
 	$(PY) create_input_files.py --dataset shapes --output-folder $(DATA) --image-size 224 --overwrite
 	$(PY) train.py --data-folder $(DATA) --data-name $(NAME) --checkpoint-dir $(CKPT) \
-	    --encoder tf_efficientnet_lite0 --encoded-size 7 --cache-features \
-	    --embed-dim 256 --attention-dim 256 --decoder-dim 256 --epochs 12
+	    --encoder tf_efficientnet_lite0 --encoder-stride 16 --encoded-size 14 --cache-features \
+	    --embed-dim 256 --attention-dim 256 --decoder-dim 256 --epochs 12 \
+	    --alpha-c 0 --decoder-lr 1e-3 --batch-size 16 --dropout 0.1
 	$(PY) eval.py --checkpoint $(CKPT)/checkpoint_best.pt --data-folder $(DATA) --data-name $(NAME) \
-	    --split test --beam-sizes 1 3 5
+	    --split test --beam-sizes 1 3 5 --grounding
 	$(PY) caption.py --checkpoint $(CKPT)/checkpoint_best.pt --img $(DATA)/shapes_raw/images/shapes_001150.jpg \
 	    --out $(CKPT)/captions
 

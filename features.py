@@ -60,7 +60,7 @@ def cached_features(encoder: Encoder, data_folder: str | Path, data_name: str, s
     path = feature_file(data_folder, data_name, split, encoder)
     key = {"encoder": encoder_fingerprint(encoder), "images": images_fingerprint(images_path)}
     size = encoder.pool.output_size[0]
-    if _up_to_date(path, key, images_path, (size * size, ENCODER_CHANNELS[encoder.name])):
+    if _up_to_date(path, key, images_path, (size * size, ENCODER_CHANNELS[encoder.name][encoder.stride])):
         return path
     encoder.eval()
     with h5py.File(images_path, "r") as src, atomic_path(path) as tmp, h5py.File(tmp, "w") as dst:

@@ -117,7 +117,9 @@ def test_caption_py_decodes_with_an_ensemble(shapes_data, trained_checkpoint, se
 
 def test_members_must_share_word_map_and_image_size(shapes_data, trained_checkpoint, tmp_path) -> None:
     checkpoint = load_checkpoint(trained_checkpoint)
-    other_words = {**checkpoint, "word_map": {**checkpoint["word_map"], "zebra": len(checkpoint["word_map"])}}
+    words = checkpoint["word_map"]
+    a, b = [w for w in words if not w.startswith("<")][:2]  # the same words, two of them at each other's index
+    other_words = {**checkpoint, "word_map": {**words, a: words[b], b: words[a]}}
     save_checkpoint(tmp_path / "words.pt", other_words)
     save_checkpoint(tmp_path / "size.pt", {**checkpoint, "image_size": 64})
     with pytest.raises(SatError, match="word map .* differs"):
