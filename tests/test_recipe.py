@@ -50,14 +50,15 @@ def test_stage_2_starts_a_new_phase_and_an_interrupted_stage_2_resumes_exactly(s
     assert straight.tc.fine_tune_encoder and straight.tc.batch_size == 48  # the run's settings carry over
     assert [g["lr"] for g in straight.optimizer.param_groups] == [4e-4, 1e-4]  # the phase's defaults
     assert not straight.optimizer.state and straight.progress.epoch == 0 and straight.progress.step == 0
-    start = records(tmp_path / "straight")[0]
-    assert start["epoch"] == -1 and start["phase_from"] == str(stage_1)
-    assert straight.progress.best_score == start["val_bleu4"]
+    assert straight.phase_from == str(stage_1)  # scored by run(), once it holds the folder
     for name, tensor in load_checkpoint(stage_1)["encoder"].items():
         assert torch.equal(straight.model.encoder.state_dict()[name], tensor)
     before = state(straight)
     straight.run()
     after = state(straight)
+    start, trained = records(tmp_path / "straight")
+    assert start["epoch"] == -1 and start["phase_from"] == str(stage_1) and start["step"] == 0
+    assert trained["epoch"] == 0 and straight.progress.best_score == max(start["val_bleu4"], trained["val_bleu4"])
     assert torch.equal(after["encoder.backbone.0.weight"], before["encoder.backbone.0.weight"])  # stem stays frozen
     assert not torch.equal(after["encoder.backbone.6.0.conv_dw.weight"], before["encoder.backbone.6.0.conv_dw.weight"])
 
