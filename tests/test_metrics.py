@@ -144,18 +144,24 @@ def test_grounding_is_perfect_for_oracle_attention_and_chance_for_uniform() -> N
     assert uniform["grounded_words"] == 4
 
 
-def test_grounding_on_the_shapes_model(shapes_data, trained_checkpoint, tmp_path) -> None:
+def test_a_short_run_with_the_grounded_recipe_looks_at_the_objects(shapes_data, tmp_path) -> None:
+    """The demo's recipe in miniature (the stride-16 grid, no doubly stochastic penalty, enough steps at a high
+    enough rate): after 15 short epochs the attention of the object words holds 2.2x the mass a uniform map puts
+    in their boxes (21.6 % against 9.7 % when written), and eval.py reports it with the truth scores."""
+    torch.manual_seed(0)
+    train.main(train_args(shapes_data, tmp_path, "--cache-features", "--epochs", "15", "--patience", "15",
+                          "--batch-size", "8", "--decoder-lr", "3e-3", "--dropout", "0.1", "--alpha-c", "0",
+                          "--encoder-stride", "16", "--encoded-size", "8"))
     folder, name = shapes_data
-    result = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(trained_checkpoint), "--data-folder",
-                             str(folder), "--data-name", name, "--beam-sizes", "3", "--grounding",
-                             "--metrics", "bleu,cider,spice", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(tmp_path / "checkpoint_best.pt"),
+                             "--data-folder", str(folder), "--data-name", name, "--beam-sizes", "3", "--grounding",
+                             "--metrics", "bleu,cider,spice", "--out", str(tmp_path / "eval")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "attention in box %" in result.stdout and "CIDEr-D" in result.stdout
-    scores = json.loads((tmp_path / "scores.json").read_text())["beam3"]
-    assert scores["grounded_words"] > 40
-    assert 0 <= scores["attention_in_box"] <= 100 and 0 <= scores["pointing_accuracy"] <= 100
-    assert scores["cider"] > 0
+    assert "attention in box %" in result.stdout and "CHAIR-s %" in result.stdout
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())["beam3"]
+    assert scores["grounded_words"] > 40 and scores["captions"] == 40
+    assert scores["attention_in_box"] > 1.5 * scores["uniform_in_box"], scores
 
 
 def test_early_stopping_on_cider(shapes_data, tmp_path) -> None:
