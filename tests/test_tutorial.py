@@ -24,6 +24,7 @@ import create_input_files
 import datasets
 import eval as evaluate
 import shapes
+import sources
 import tutorial
 from checkpoints import FORMAT, load_checkpoint, model_from_checkpoint
 from inference import caption_images
@@ -121,7 +122,7 @@ def data(tmp_path_factory) -> dict:
     karpathy, _ = shapes.generate(out / "raw", 12, 4, 6, side=SIDE, seed=3)
     word_map = tutorial_word_map(karpathy, MIN_WORD_FREQ)
     (out / "WORDMAP_tutorial.json").write_text(json.dumps(word_map))
-    name = datasets.create_input_files(datasets.read_karpathy(karpathy, out / "raw"), "shapes", out,
+    name = datasets.create_input_files(sources.read_karpathy(karpathy, out / "raw"), "shapes", out,
                                        min_word_freq=MIN_WORD_FREQ, image_size=SIDE, word_map=word_map)
     with h5py.File(datasets.split_file(out, "TEST", "IMAGES", name), "r") as h5:
         images = torch.from_numpy(h5["images"][()])
@@ -350,10 +351,10 @@ def test_create_input_files_encodes_with_a_given_word_map(data) -> None:
     assert unknown > 0, "every word known: min_word_freq made no <unk> to check"
 
 
-@pytest.mark.parametrize("word_map, problem", [({"<pad>": 0, "<start>": 1, "<end>": 2, "a": 3}, "no <unk>"),
-                                               ({"<pad>": 3, "<start>": 1, "<end>": 2, "<unk>": 0}, "pads with 0"),
+@pytest.mark.parametrize("word_map, problem", [({"<pad>": 0, "<start>": 1, "<end>": 2, "a": 3}, "lacks <unk>"),
+                                               ({"<pad>": 3, "<start>": 1, "<end>": 2, "<unk>": 0}, "<pad> = 3, not 0"),
                                                ({"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 5},
-                                                "not 0 to 3")])
+                                                "not exactly 0 to 3")])
 def test_a_bad_word_map_stops_create_input_files_before_any_work(tmp_path, word_map, problem) -> None:
     path = tmp_path / "WORDMAP.json"
     path.write_text(json.dumps(word_map))

@@ -12,12 +12,13 @@ import datasets
 import embeddings
 import eval as evaluate
 import shapes
+import sources
 import train
 import vocab
 from checkpoints import load_checkpoint, model_from_checkpoint
 from datasets import ImageCaptionsDataset
 from inference import caption_split
-from conftest import train_args
+from conftest import WORD_MAP as TINY_WORD_MAP, train_args
 from utils import SatError, read_json
 
 CAPTIONS = [["a", "red", "circle", "left", "of", "a", "blue", "square"], ["two", "red", "circles"],
@@ -48,7 +49,7 @@ def test_words_join_pieces_and_keep_their_positions() -> None:
 def bpe_data(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bpe")
     karpathy, sidecar = shapes.generate(out / "raw", 60, 16, 16, side=64, seed=3)
-    name = datasets.create_input_files(datasets.read_karpathy(karpathy, out / "raw"), "shapes", out,
+    name = datasets.create_input_files(sources.read_karpathy(karpathy, out / "raw"), "shapes", out,
                                        image_size=64, boxes=read_json(sidecar), source=str(karpathy), bpe_merges=40)
     return out, name
 
@@ -175,7 +176,7 @@ def test_the_tokenizer_travels_in_safetensors_exports(tmp_path) -> None:
     from models import CaptionModel
     model = CaptionModel(tiny_config(vocab="bpe"))
     tokenizer_json = vocab.train_bpe(CAPTIONS, 10).to_str()
-    checkpoint = {"model_config": model.config.to_dict(), "word_map": {"<pad>": 0}, "tokenizer": tokenizer_json,
+    checkpoint = {"model_config": model.config.to_dict(), "word_map": TINY_WORD_MAP, "tokenizer": tokenizer_json,
                   "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(), "image_size": 64}
     export_safetensors(checkpoint, tmp_path / "model.safetensors")
     loaded = load_checkpoint(tmp_path / "model.safetensors")
