@@ -134,7 +134,7 @@ def test_hard_attention_entropy_bonus_weighs_the_attention_entropy() -> None:
     entropy = -(alphas * torch.log(alphas + 1e-12)).sum(dim=(1, 2))  # (B*K,): steps past a caption's end are 0
     base = decoder.auxiliary_loss(log_likelihood, -3.0, 0.0)
     assert float((decoder.auxiliary_loss(log_likelihood, -3.0, 0.5) - base).detach()) == pytest.approx(
-        -0.5 * float(entropy.mean()), rel=1e-5)
+        -0.5 * float(entropy.mean().detach()), rel=1e-5)
 
 
 def test_hard_attention_uses_the_expected_context_at_the_given_rate() -> None:
