@@ -1,5 +1,6 @@
 # `make demo`: set up and run the whole shapes demo; `make scst`: then fine-tune it with SCST;
-# `make test`: set up and run the tests.
+# `make blip`: on the demo's data, a BLIP-architecture model trained from scratch on it (no pretrained weights
+# offline), evaluated like the demo model; `make test`: set up and run the tests.
 PY := .venv/bin/python
 DATA := data/shapes
 NAME := shapes_5_cap_per_img_5_min_word_freq
@@ -30,7 +31,20 @@ scst: .venv/installed
 	$(PY) eval.py --checkpoint $(CKPT)_scst/checkpoint_best.pt --data-folder $(DATA) --data-name $(NAME) \
 	    --split test --beam-sizes 1 3 5
 
+BLIP := checkpoints/blip
+blip: .venv/installed
+	test -f $(DATA)/WORDMAP_$(NAME).json || \
+	    $(PY) create_input_files.py --dataset shapes --output-folder $(DATA) --image-size 224
+	$(PY) init_blip.py --data-folder $(DATA) --data-name $(NAME) --out $(BLIP)_init --size small
+	$(PY) train.py --model blip --pretrained $(BLIP)_init --data-folder $(DATA) --data-name $(NAME) \
+	    --checkpoint-dir $(BLIP) --fine-tune-encoder --epochs 7 --batch-size 16 --decoder-lr 5e-4 --encoder-lr 5e-4 \
+	    --val-max-len 20
+	$(PY) eval.py --checkpoint $(BLIP)/checkpoint_best.pt --data-folder $(DATA) --data-name $(NAME) \
+	    --split test --beam-sizes 1 3 5 --grounding
+	$(PY) caption.py --checkpoint $(BLIP)/checkpoint_best.pt --img $(DATA)/shapes_raw/images/shapes_001150.jpg \
+	    --out $(BLIP)/captions
+
 test: .venv/installed
 	$(PY) -m pytest -q tests
 
-.PHONY: setup demo scst test
+.PHONY: setup demo scst blip test

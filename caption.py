@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img", required=True, help="an image file (JPEG, PNG, ... any size or mode) or a folder of them")
     p.add_argument("--checkpoint", required=True, nargs="+", action="extend",
-                   help="a checkpoint written by train.py (holds the word map); several decode as one ensemble "
-                        "(same word map and image size) whose attention plot is the mean of its members'")
+                   help="a checkpoint written by train.py (holds the word map), of either model family, or a BLIP "
+                        "folder in the Hugging Face layout; several attention checkpoints decode as one ensemble "
+                        "(same word map and image size) whose attention plot is the mean of its members'. BLIP "
+                        "has no attention over a grid: it writes no plot")
     p.add_argument("--beam-size", type=bounded_int(1, MAX_BEAM_SIZE), default=5,
                    help=f"beam size, up to {MAX_BEAM_SIZE} (default: 5)")
     p.add_argument("--max-len", type=bounded_int(1, MAX_CAPTION_WORDS), default=50,
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     from datasets import BadImage, load_image
     from devices import resolve_device
     from ensemble import load_models
-    from inference import caption_images, texts, word_attention
+    from inference import caption_images, word_attention
     from plots import plot_attention
 
     device = resolve_device(args.device)
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
             raise SatError(f"{path}: {e}") from None
     captions = caption_images(model.to(device), images, word_map, args.beam_size, args.max_len, device)
     subwords = model.config.vocab == "bpe"
-    sentences = texts(captions, word_map, subwords)
+    sentences = model.sentences(captions, word_map)
     out = Path(args.out)
     plot = not args.no_plot and model.decoder.attends
     if not args.no_plot and not plot:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from config import LEGACY_MODEL_OPTIONS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ModelConfig, TrainConfig, from_dict
+import blip
 from models import CaptionModel
 from utils import SatError, atomic_path, brief, finite_float, non_negative_int, validate_word_map
 
@@ -84,7 +85,9 @@ def export_safetensors(checkpoint: dict, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
     model = {"format": FORMAT, **{k: checkpoint[k] for k in (*MODEL_PARTS, *OPTIONAL_MODEL_PARTS)
                                   if k != "format" and k in checkpoint}}
-    tensors = {f"{part}.{name}": t.contiguous() for part in ("encoder", "decoder") for name, t in model[part].items()}
+    # Cloned: tied weights (BLIP's output layer is its word embeddings) share memory, which safetensors refuses.
+    tensors = {f"{part}.{name}": t.contiguous().clone() for part in ("encoder", "decoder")
+               for name, t in model[part].items()}
     metadata = {"format": "sat", "version": str(FORMAT), "model_config": json.dumps(model["model_config"]),
                 "word_map": json.dumps(model["word_map"]), "image_size": str(model["image_size"]),
                 **({"tokenizer": model["tokenizer"]} if "tokenizer" in model else {}),
@@ -341,10 +344,14 @@ def validate(checkpoint: dict, source: str) -> None:
     missing = [k for k in MODEL_PARTS if k not in checkpoint]
     if missing:
         raise SatError(f"{source}: the checkpoint lacks its {', '.join(missing)}")
-    cfg = from_dict(ModelConfig, checkpoint["model_config"], source, legacy=LEGACY_MODEL_OPTIONS)
     word_map = validate_word_map(checkpoint["word_map"], source)
-    if len(word_map) != cfg.vocab_size:
-        raise SatError(f"{source}: its word map has {len(word_map)} words but its model {cfg.vocab_size}")
+    if blip.is_blip(checkpoint["model_config"]):
+        cfg, model = None, blip.meta_model(checkpoint["model_config"], source)
+    else:
+        cfg = from_dict(ModelConfig, checkpoint["model_config"], source, legacy=LEGACY_MODEL_OPTIONS)
+        if len(word_map) != cfg.vocab_size:
+            raise SatError(f"{source}: its word map has {len(word_map)} words but its model {cfg.vocab_size}")
+        model = _meta_model(tuple(sorted(cfg.to_dict().items())))
     tokenizer = checkpoint.get("tokenizer")
     if tokenizer is not None and (not isinstance(tokenizer, str) or len(tokenizer) > MAX_TOKENIZER_CHARS):
         raise SatError(f"{source}: its tokenizer is {brief(tokenizer)}, not the JSON text of one")
@@ -352,7 +359,6 @@ def validate(checkpoint: dict, source: str) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise SatError(f"{source}: image_size is {brief(size)}, not a whole number from {MIN_IMAGE_SIZE} to "
                        f"{MAX_IMAGE_SIZE}")
-    model = _meta_model(tuple(sorted(cfg.to_dict().items())))
     for part in ("encoder", "decoder"):
         _check_weights(checkpoint[part], getattr(model, part).state_dict(), f"{source}: {part}")
     present = [k for k in TRAINING_PARTS if k in checkpoint]
@@ -366,6 +372,8 @@ def validate(checkpoint: dict, source: str) -> None:
     rows = checkpoint.get("pretrained_rows")
     if rows is not None:
         _check_tensor(rows, None, False, f"{source}: pretrained_rows")
+        if cfg is None:
+            raise SatError(f"{source}: a BLIP checkpoint with GloVe rows (pretrained_rows), which BLIP never has")
         if rows.dtype != torch.int64 or rows.dim() != 1 or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max())
                                                            < cfg.vocab_size):
             raise SatError(f"{source}: pretrained_rows is not a list of word indices below {cfg.vocab_size}")
@@ -489,7 +497,9 @@ def _check_rng(state: Any, where: str) -> None:
 
 def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple[CaptionModel, dict[str, int]]:
     """Rebuild the model from a checkpoint's own config and weights (checked by load_checkpoint); no other file is
-    needed."""
+    needed. A BLIP checkpoint gives a blip.BlipCaptioner, which stands where a CaptionModel does."""
+    if blip.is_blip(checkpoint.get("model_config")):
+        return blip.model_from_checkpoint(checkpoint, source)
     cfg = from_dict(ModelConfig, checkpoint.get("model_config"), source, legacy=LEGACY_MODEL_OPTIONS)
     model = CaptionModel(cfg)
     try:

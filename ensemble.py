@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import blip
 from checkpoints import load_checkpoint, model_from_checkpoint
 from config import ENCODER_CHANNELS
-from models import CaptionModel, Decoder, Encoder, Memory, State
+from models import Caption, CaptionModel, Decoder, Encoder, Memory, State
 from utils import SatError
 
 
@@ -146,14 +147,28 @@ class EnsembleModel(nn.Module):
         """The first member's config: what the members share (the vocabulary) is read from it."""
         return self.members[0].config
 
+    def sentences(self, captions: list[Caption], word_map: dict[str, int]) -> list[str]:
+        return self.members[0].sentences(captions, word_map)
 
-def load_models(paths: list[str], trust: bool = False) -> tuple[nn.Module, dict[str, int], int]:
-    """A CaptionModel for one checkpoint, an EnsembleModel for several: (model, word map, image size).
+
+def load_models(paths: list[str], trust: bool = False) -> tuple[nn.Module, dict[str, int] | None, int]:
+    """A CaptionModel for one checkpoint, an EnsembleModel for several: (model, word map, image size). A BLIP
+    model (a train.py checkpoint of one, or a folder in the Hugging Face layout, whose word map is None) decodes
+    alone.
 
     The members must share a word map (the same words at the same ids) and a training image size."""
+    if len(paths) == 1 and blip.is_pretrained_folder(paths[0]):
+        model = blip.from_pretrained(paths[0])
+        return model, None, model.config.image_size
     models, word_map, size = [], None, None
     for path in paths:
+        if blip.is_pretrained_folder(path):
+            raise SatError(f"{path}: a BLIP model cannot join an ensemble (its tokens are not the attention "
+                           "models' words); evaluate it alone")
         checkpoint = load_checkpoint(path, trust=trust)
+        if blip.is_blip(checkpoint["model_config"]) and len(paths) > 1:
+            raise SatError(f"{path}: a BLIP model cannot join an ensemble (its tokens are not the attention "
+                           "models' words); evaluate it alone")
         model, own_map = model_from_checkpoint(checkpoint, path)
         own_size = int(checkpoint.get("image_size", 256))
         if word_map is not None and own_map != word_map:
@@ -170,6 +185,9 @@ def load_models(paths: list[str], trust: bool = False) -> tuple[nn.Module, dict[
 
 def feature_encoder(model: nn.Module) -> Encoder:
     """The encoder whose feature cache a model (or ensemble) decodes from."""
+    if isinstance(model.encoder, blip.BlipEncoder):
+        raise SatError("--cache-features caches the CNN encoders' features; a BLIP model reads its images: drop "
+                       "--cache-features")
     if not isinstance(model, EnsembleModel):
         return model.encoder
     if model.encoder.shared is None:

@@ -20,9 +20,10 @@ from utils import ArgumentParser, SatError, add_debug_flag, add_trust_flag, boun
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, nargs="+", action="extend",
-                   help="a checkpoint written by train.py (or its .safetensors export); several (--checkpoint A B, "
-                        "or the flag repeated) decode as one ensemble that averages their log-probabilities at "
-                        "every step: they must share the word map and the image size")
+                   help="a checkpoint written by train.py (or its .safetensors export), of either model family, or "
+                        "a BLIP folder in the Hugging Face layout (scored as it is, zero-shot); several attention "
+                        "checkpoints (--checkpoint A B, or the flag repeated) decode as one ensemble that averages "
+                        "their log-probabilities at every step: they must share the word map and the image size")
     p.add_argument("--data-folder", default="data/shapes", help="folder of create_input_files.py's outputs "
                                                                 "(default: data/shapes)")
     p.add_argument("--data-name", default="shapes_5_cap_per_img_5_min_word_freq",
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
     from devices import resolve_device
     from ensemble import feature_encoder, load_models
     from features import cached_features
-    from inference import caption_split, texts, word_attention
+    from inference import caption_split, word_attention
 
     metric_names = parse_metrics(args.metrics)
     show = args.gallery or args.compare is not None
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> None:
     other = gallery.read_evaluation(args.compare) if args.compare else None  # before the long part: fail early
     device = resolve_device(args.device)
     model, word_map, _ = load_models(args.checkpoint, trust=args.trust_checkpoint)
-    check_word_map(word_map, args.data_folder, args.data_name, args.checkpoint[0])
+    if word_map is not None:  # None: a BLIP folder in the Hugging Face layout, which speaks its own tokens
+        check_word_map(word_map, args.data_folder, args.data_name, args.checkpoint[0])
     dataset = ImageCaptionsDataset(args.data_folder, args.data_name, args.split)  # checks the files
     objects = load_boxes(args.data_folder, args.data_name, dataset.files.filenames) if args.grounding else None
     model.to(device)
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
     scores, per_image, notes = {}, {}, {}
     subwords = model.config.vocab == "bpe"  # BPE pieces are joined into words: every score is on words
     for k, captions in results.items():
-        hypotheses = texts(captions, word_map, subwords)
+        hypotheses = model.sentences(captions, word_map)
         computed = metrics.score_captions(dataset.references, hypotheses, metric_names, args.bleu)
         scores[f"beam{k}"], notes = computed.corpus, computed.unavailable
         verdicts = grounding = None

@@ -325,6 +325,10 @@ class Decoder(nn.Module):
     def _step(self, embedded: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
         raise NotImplementedError
 
+    def special_tokens(self, word_map: dict[str, int]) -> tuple[int, int, int]:
+        """(<start>, <end>, <pad>) in the tokens this decoder reads and writes: the word map's."""
+        return word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+
     def step(self, words: torch.Tensor, state: State, memory: Memory) -> tuple[torch.Tensor, torch.Tensor, State]:
         """One word for every row: words (B*K,) -> logits (B*K, V), alpha (B*K, alpha_size(P)), the next state."""
         return self._step(self.embedding(words), state, memory)
@@ -683,6 +687,11 @@ class CaptionModel(nn.Module):
     def name(self) -> str:
         return self.config.decoder
 
+    def sentences(self, captions: list[Caption], word_map: dict[str, int]) -> list[str]:
+        """The captions as sentences of words (BPE pieces joined)."""
+        rev = {i: w for w, i in word_map.items()}
+        return [decode_tokens(c.tokens, rev, self.config.vocab == "bpe") for c in captions]
+
 
 # ------------------------------------------------------------------------------------------------- beam search
 
@@ -708,7 +717,7 @@ def beam_search(decoder: Decoder, encoder_out: torch.Tensor, word_map: dict[str,
     if beam_size < 1 or max_len < 1:
         raise SatError(f"beam size and max length must be at least 1 (got {beam_size} and {max_len})")
     B, P, _ = encoder_out.shape
-    K, start, end, pad = beam_size, word_map["<start>"], word_map["<end>"], word_map["<pad>"]
+    K, (start, end, pad) = beam_size, decoder.special_tokens(word_map)
     device = encoder_out.device
     memory = decoder.memory(encoder_out)  # per image, shared by its K beams
     state = decoder.init_state(memory, K)  # (B*K, ...)

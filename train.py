@@ -11,6 +11,9 @@ Stage 2, the encoder fine-tuned from the best stage-1 model (a new phase: new op
   python train.py --fine-tune-encoder --resume checkpoints/coco/checkpoint_best.pt --checkpoint-dir checkpoints/ft
 Fine-tune the best cross-entropy model for CIDEr-D (into a new folder):
   python train.py --scst --resume checkpoints/checkpoint_best.pt --checkpoint-dir checkpoints/scst --epochs 10
+BLIP (Hugging Face transformers) fine-tuned by the same loop, from a downloaded folder (or init_blip.py's):
+  python train.py --model blip --pretrained blip-base --fine-tune-encoder --decoder-lr 1e-5 --encoder-lr 1e-5 \\
+      --batch-size 16 --data-folder data/coco --data-name coco_5_cap_per_img_5_min_word_freq --checkpoint-dir ck/blip
 On N GPUs (or CPU processes) of one machine; --batch-size stays the whole batch, split over the N:
   torchrun --standalone --nproc_per_node=N train.py ...
 The default encoder, resnet101, downloads its ImageNet weights once (torchvision); offline, pass
@@ -40,12 +43,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from checkpoints import export_safetensors, load_checkpoint
+    from blip import is_blip, save_pretrained
+    from checkpoints import export_safetensors, load_checkpoint, model_from_checkpoint
     from trainer import METRIC_NAMES
     if args.export:
         if not args.resume:
             raise SatError("--export needs --resume CHECKPOINT: the checkpoint to export")
-        export_safetensors(load_checkpoint(args.resume, trust=args.trust_checkpoint), args.export)
+        checkpoint = load_checkpoint(args.resume, trust=args.trust_checkpoint)
+        if is_blip(checkpoint["model_config"]) and not args.export.endswith(".safetensors"):
+            save_pretrained(model_from_checkpoint(checkpoint, args.resume)[0], args.export)  # for transformers
+        else:
+            export_safetensors(checkpoint, args.export)
         print(f"exported {args.resume} to {args.export}")
         return
     trainer = build_trainer(args)

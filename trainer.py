@@ -32,7 +32,7 @@ from config import ModelConfig, TrainConfig, defaults, explicit, flag, from_dict
 from datasets import ImageCaptionsDataset, check_word_map, read_word_map, word_map_file
 from devices import autocast_dtype, resolve_device, restore_rng, restore_scaler, rng_state
 from features import cached_features
-from inference import caption_split, encode, texts
+from inference import caption_split, encode
 from models import Caption, CaptionModel, beam_search
 from plots import plot_curves
 from utils import FolderLock, SatError, remove_stale_temp_files
@@ -398,7 +398,7 @@ class Trainer:
         captions = caption_split(self.model, self.val_set, self.word_map, [tc.val_beam_size], tc.val_max_len,
                                  batch_size=64, device=self.device, progress=distributed.is_main(),
                                  indices=distributed.shard(len(self.val_set)))[tc.val_beam_size]
-        hypotheses = distributed.gather(texts(captions, self.word_map, self.model.config.vocab == "bpe"))
+        hypotheses = distributed.gather(self.model.sentences(captions, self.word_map))
         return distributed.from_main(
             lambda: metrics.caption_scores(self.val_set.references, hypotheses, ("bleu", "cider"))[0]), captions
 
@@ -461,7 +461,7 @@ class Trainer:
             self.board.validation(record, record["step"])
             shown = captions[:IMAGES]
             images = [self.val_set.files.image(i) for i in range(len(shown))]
-            self.board.captions(images, texts(shown, self.word_map), shown, record["step"])
+            self.board.captions(images, self.model.sentences(shown, self.word_map), shown, record["step"])
 
 
 # ---------------------------------------------------------------------------------------------------- phases
@@ -481,13 +481,19 @@ def build_trainer(model_options: dict[str, Any], train_options: dict[str, Any], 
     device = distributed.setup(resolve_device(tc.device))
     torch.manual_seed(tc.seed)
     word_map = read_word_map(word_map_file(tc.data_folder, tc.data_name))
-    if checkpoint is None:
+    if checkpoint is None and tc.model == "blip":
+        _check_blip_run(model_options, tc)
+        import blip
+        model, pretrained_rows = blip.from_pretrained(tc.pretrained, word_map), None
+    elif checkpoint is None:
         kind = "word" if vocab.load_tokenizer_json(tc.data_folder, tc.data_name) is None else "bpe"
         model = CaptionModel(ModelConfig(vocab_size=len(word_map), vocab=kind, **model_options), tc.encoder_weights)
         pretrained_rows = None if tc.embeddings == "random" else \
             embeddings.initialise(model.decoder.embedding, word_map, kind == "bpe", tc.embeddings, tc.seed)
     else:
         _refuse_other_model(model_options, checkpoint, resume)
+        if tc.model == "blip":
+            _check_blip_run(model_options, tc)
         check_word_map(checkpoint["word_map"], tc.data_folder, tc.data_name, resume)
         model, _ = model_from_checkpoint(checkpoint, resume)
         pretrained_rows = checkpoint.get("pretrained_rows")
@@ -533,6 +539,22 @@ def _train_config(options: dict[str, Any], checkpoint: dict | None, source: str 
         raise SatError(f"{source}: resuming this run continues it exactly, with its {was}; drop "
                        f"{'that flag' if len(changed) == 1 else 'those flags'} (or start a new run)")
     return replace(saved, **options), False
+
+
+def _check_blip_run(model_options: dict[str, Any], tc: TrainConfig) -> None:
+    """What a BLIP run cannot do, refused before anything is loaded: the attention model's flags, SCST, the CNN
+    feature cache, GloVe rows and the data's own BPE vocabulary (BLIP spells words in its own sub-words)."""
+    refused = [flag(name) for name in model_options] + [
+        flag(name) for name in ("scst", "cache_features", "freeze_embeddings") if getattr(tc, name)]
+    if tc.embeddings != "random":
+        refused.append("--embeddings")
+    if refused:
+        raise SatError(f"--model blip: {', '.join(refused)} {'is' if len(refused) == 1 else 'are'} for the "
+                       "attention models; BLIP brings its own encoder, decoder, embeddings and loss (drop "
+                       f"{'it' if len(refused) == 1 else 'them'})")
+    if vocab.load_tokenizer_json(tc.data_folder, tc.data_name) is not None:
+        raise SatError(f"--model blip: {vocab.tokenizer_file(tc.data_folder, tc.data_name)} makes this a BPE "
+                       "vocabulary; BLIP spells words in its own sub-words: use data made with --vocab word")
 
 
 def _refuse_other_model(options: dict[str, Any], checkpoint: dict, source: str) -> None:
