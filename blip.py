@@ -324,9 +324,6 @@ def write_scratch_folder(folder: str | Path, word_map: dict[str, int], size: str
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    fast = transformers.BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", sep_token="[SEP]",
-                                          pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
-                                          bos_token="[DEC]")
     text = transformers.BlipTextConfig(
         vocab_size=len(vocab), hidden_size=s["hidden"], encoder_hidden_size=s["hidden"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], intermediate_size=s["ffn"], max_position_embeddings=512,
@@ -337,26 +334,31 @@ def write_scratch_folder(folder: str | Path, word_map: dict[str, int], size: str
                                            image_size=image_size, patch_size=s["patch"])
     config = transformers.BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
     model = transformers.BlipForConditionalGeneration(config)
-    processor = transformers.BlipProcessor(
-        transformers.BlipImageProcessor(size={"height": image_size, "width": image_size}), fast)
+    image = transformers.BlipImageProcessor()  # its defaults: CLIP's mean and std, as BLIP's own
+    processor = _processor(tokenizer, image_size, image.image_mean, image.image_std)
     with atomic_folder(Path(folder)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return Path(folder)
 
 
+def _processor(tokenizer: Any, image_size: int, mean: list[float], std: list[float]) -> Any:
+    """A BlipProcessor: BLIP's BERT special tokens around a WordPiece `tokenizers.Tokenizer`, square images."""
+    transformers = _transformers()
+    fast = transformers.BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", sep_token="[SEP]",
+                                          pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+                                          bos_token="[DEC]")
+    image = transformers.BlipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=mean,
+                                            image_std=std)
+    return transformers.BlipProcessor(image, fast)
+
+
 def save_pretrained(model: BlipCaptioner, folder: str | Path) -> Path:
     """A trained BLIP as a Hugging Face folder (transformers and --pretrained read it), written atomically."""
-    from utils import atomic_folder
-    transformers = _transformers()
     from tokenizers import Tokenizer
-    fast = transformers.BertTokenizerFast(tokenizer_object=Tokenizer.from_str(model.config.tokenizer),
-                                          unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
-                                          mask_token="[MASK]")
-    size = model.config.image_size
-    processor = transformers.BlipProcessor(transformers.BlipImageProcessor(
-        size={"height": size, "width": size}, image_mean=model.config.image_mean,
-        image_std=model.config.image_std), fast)
+    from utils import atomic_folder
+    spec = model.config
+    processor = _processor(Tokenizer.from_str(spec.tokenizer), spec.image_size, spec.image_mean, spec.image_std)
     with atomic_folder(Path(folder)) as tmp:
         model.hf_model().save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -411,13 +413,3 @@ def meta_model(values: Any, source: str) -> BlipCaptioner:
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise SatError(f"{source}: its hf_config does not build a BLIP model ({str(e).splitlines()[0][:200]})") \
             from None
-
-
-def model_from_checkpoint(checkpoint: dict, source: str) -> tuple[BlipCaptioner, dict[str, int]]:
-    model = BlipCaptioner(check_spec(checkpoint["model_config"], source), checkpoint["word_map"])
-    try:
-        model.encoder.load_state_dict(checkpoint["encoder"])
-        model.decoder.load_state_dict(checkpoint["decoder"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise SatError(f"{source}: its weights do not match its BLIP config ({str(e).splitlines()[0]})") from None
-    return model, checkpoint["word_map"]

@@ -499,9 +499,10 @@ def model_from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> tuple
     """Rebuild the model from a checkpoint's own config and weights (checked by load_checkpoint); no other file is
     needed. A BLIP checkpoint gives a blip.BlipCaptioner, which stands where a CaptionModel does."""
     if blip.is_blip(checkpoint.get("model_config")):
-        return blip.model_from_checkpoint(checkpoint, source)
-    cfg = from_dict(ModelConfig, checkpoint.get("model_config"), source, legacy=LEGACY_MODEL_OPTIONS)
-    model = CaptionModel(cfg)
+        model = blip.BlipCaptioner(blip.check_spec(checkpoint["model_config"], source), checkpoint["word_map"])
+    else:
+        model = CaptionModel(from_dict(ModelConfig, checkpoint.get("model_config"), source,
+                                       legacy=LEGACY_MODEL_OPTIONS))
     try:
         model.encoder.load_state_dict(checkpoint["encoder"])
         model.decoder.load_state_dict(checkpoint["decoder"])

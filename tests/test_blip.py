@@ -18,7 +18,7 @@ import blip
 import caption
 import eval as evaluate
 import train
-from checkpoints import content_hash, load_checkpoint
+from checkpoints import content_hash, load_checkpoint, model_from_checkpoint
 from conftest import ROOT
 from datasets import ImageCaptionsDataset, load_image, read_word_map, word_map_file
 from inference import caption_images, caption_split
@@ -89,7 +89,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(shapes_data, tiny_bl
 
 
 def test_greedy_decoding_through_the_one_beam_search_is_what_transformers_generates(shapes_data, blip_run) -> None:
-    model, word_map = blip.model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
+    model, word_map = model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
     model.eval()
     images = torch.stack([ImageCaptionsDataset(*shapes_data, "test")[i][0] for i in range(6)])
     ours = beam_search(model.decoder, model.encoder(images), word_map, beam_size=1, max_len=12)
@@ -117,7 +117,7 @@ def test_eval_scores_blip_with_the_same_table_and_files(shapes_data, blip_run, c
     assert set(scores) == {"beam1", "beam2", "unavailable"} and "attention_in_box" not in scores["beam1"]
     captions = [c["caption"] for c in json.loads((out / "captions_beam1.json").read_text())]
     # BLIP's own tokens, decoded by its tokenizer: the greedy captions of the test images, word for word
-    model, word_map = blip.model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
+    model, word_map = model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
     decoded = caption_split(model, ImageCaptionsDataset(*shapes_data, "test"), word_map, [1], 12, 8,
                             torch.device("cpu"), progress=False)[1]
     tokenizer = model.decoder.tokenizer
@@ -139,7 +139,7 @@ def test_caption_writes_the_csv_for_a_folder_and_says_why_there_is_no_plot(shape
         rows = list(csv.reader(f))
     names = sorted(p.name for p in images.iterdir())
     assert rows[0] == ["image", "caption"] and [r[0] for r in rows[1:]] == names
-    model, word_map = blip.model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
+    model, word_map = model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
     pictures = [load_image(images / name, 128) for name in names]
     expected = model.sentences(caption_images(model, pictures, word_map, 1, 10, torch.device("cpu")))
     assert [r[1] for r in rows[1:]] == expected and all(expected)
@@ -157,8 +157,8 @@ def test_a_hugging_face_folder_is_scored_as_it_is(shapes_data, tiny_blip, tmp_pa
 def test_exported_blip_weights_decode_like_the_checkpoint(blip_run, tmp_path) -> None:
     train.main(["--resume", str(blip_run / "checkpoint_best.pt"), "--export", str(tmp_path / "blip.safetensors")])
     exported = load_checkpoint(tmp_path / "blip.safetensors")
-    a, _ = blip.model_from_checkpoint(exported, "export")
-    b, _ = blip.model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
+    a, _ = model_from_checkpoint(exported, "export")
+    b, _ = model_from_checkpoint(load_checkpoint(blip_run / "checkpoint_best.pt"), "best")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # without .safetensors: a Hugging Face folder, which transformers and --pretrained read
     train.main(["--resume", str(blip_run / "checkpoint_best.pt"), "--export", str(tmp_path / "hf")])
